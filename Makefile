@@ -1,0 +1,41 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set up .venv if missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+CACHE  := $(CURDIR)/.cache
+export TORCHINDUCTOR_CACHE_DIR := $(CACHE)/inductor
+export PYTHONHASHSEED := 0
+
+.PHONY: setup demo test test-fast bench lint format clean
+
+setup: $(STAMP)
+
+# Idempotent: reinstalls only when the project's requirements change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt fbgemm-gpu-cpu torchmetrics tensordict pyre-extensions
+	$(PIP) install -q -c constraints.txt --no-deps torchrec
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m longrec demo --out $(CACHE)/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m longrec bench all --out benchmarks/results
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: setup
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+clean:
+	rm -rf $(CACHE) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from longrec.cli import main
+
+main()

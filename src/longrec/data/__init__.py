@@ -1,0 +1,1 @@
+"""Data: raw logs -> canonical behaviour table -> prepared dataset -> batches."""

@@ -1,0 +1,121 @@
+"""SequenceStore: every user's behaviours exactly once, as CSR arrays on disk.
+
+Behaviours of user u are rows `offsets[u]:offsets[u+1]` of every field array, sorted by
+(user, ts) and stable for equal timestamps (file order). Samples never copy a history: they
+point into the store with `hist_end` (exclusive), and the loader slices the most recent
+`max_len` rows before it. Arrays are .npy files opened memory-mapped, so a 100M-behaviour store
+costs no RAM until touched and is shared between loader workers by the page cache.
+
+Layout (inside a prepared dataset):
+    store/offsets.npy        int64 [n_users + 1]   (n_users = user vocabulary size)
+    store/ts.npy             int64 [N]
+    store/source_row.npy     int64 [N]             row of the behaviour in the source file
+    store/<field>.npy        int32 [N] or [N, W]   vocabulary indices (0 = padding)
+    items/<field>.npy        int32 [n_items] or [n_items, W]   item-side field of each item
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from longrec.data.schema import FieldSpec
+
+# user index and time share one sortable int64 key: (user << TS_BITS) | (ts - ts_origin)
+TS_BITS = 34
+
+
+@dataclass
+class SequenceStore:
+    offsets: np.ndarray
+    ts: np.ndarray
+    fields: dict[str, np.ndarray]
+    source_row: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, root: str | Path, mmap: bool = True) -> SequenceStore:
+        root = Path(root) / "store"
+        mode = "r" if mmap else None
+        arrays = {p.stem: np.load(p, mmap_mode=mode) for p in sorted(root.glob("*.npy"))}
+        offsets = np.asarray(arrays.pop("offsets"))
+        ts = arrays.pop("ts")
+        source_row = arrays.pop("source_row", None)
+        return cls(offsets=offsets, ts=ts, fields=arrays, source_row=source_row)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def user_of_rows(self) -> np.ndarray:
+        """User index of every row (int64 [N]); materialised, so call once."""
+        return np.repeat(np.arange(self.n_users, dtype=np.int64), self.lengths())
+
+    def time_keys(self, ts_origin: int) -> np.ndarray:
+        """Sorted int64 keys (user, ts) of all rows, for vectorised 'history before t' searches."""
+        return sort_keys(self.user_of_rows(), np.asarray(self.ts), ts_origin)
+
+    def history(self, user: int, end: int | None = None) -> dict[str, np.ndarray]:
+        """One user's behaviours (rows before `end` if given): for inspection and serving."""
+        lo, hi = int(self.offsets[user]), int(self.offsets[user + 1])
+        if end is not None:
+            hi = min(hi, end)
+        out = {name: np.asarray(arr[lo:hi]) for name, arr in self.fields.items()}
+        out["ts"] = np.asarray(self.ts[lo:hi])
+        return out
+
+
+def sort_keys(user: np.ndarray, ts: np.ndarray, ts_origin: int) -> np.ndarray:
+    rel = ts.astype(np.int64) - ts_origin
+    if rel.size and (rel.min() < 0 or rel.max() >= (1 << TS_BITS)):
+        raise ValueError("timestamps span more than 2^34 seconds from the origin")
+    return (user.astype(np.int64) << TS_BITS) | rel
+
+
+def history_end(keys: np.ndarray, user: np.ndarray, ts: np.ndarray, ts_origin: int) -> np.ndarray:
+    """First store row of `user` at or after `ts`: the exclusive end of a strictly-earlier history."""
+    return np.searchsorted(keys, sort_keys(user, ts, ts_origin), side="left").astype(np.int64)
+
+
+class StoreWriter:
+    """Fills the store's .npy files chunk by chunk (memory-mapped), so size is bounded by disk."""
+
+    def __init__(self, root: Path, n_rows: int, specs: list[FieldSpec]):
+        self.dir = root / "store"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pos = 0
+        self.n_rows = n_rows
+        self.arrays: dict[str, np.ndarray] = {
+            "ts": self._open("ts", np.int64, (n_rows,)),
+            "source_row": self._open("source_row", np.int64, (n_rows,)),
+        }
+        for spec in specs:
+            shape = (n_rows,) if spec.width == 1 else (n_rows, spec.width)
+            self.arrays[spec.name] = self._open(spec.name, np.int32, shape)
+
+    def _open(self, name: str, dtype, shape) -> np.ndarray:
+        return np.lib.format.open_memmap(
+            self.dir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape
+        )
+
+    def append(self, chunk: dict[str, np.ndarray]) -> None:
+        n = len(chunk["ts"])
+        for name, arr in self.arrays.items():
+            arr[self.pos : self.pos + n] = chunk[name]
+        self.pos += n
+
+    def close(self, offsets: np.ndarray) -> None:
+        if self.pos != self.n_rows:
+            raise RuntimeError(f"store writer got {self.pos} rows, expected {self.n_rows}")
+        for arr in self.arrays.values():
+            arr.flush()
+        self.arrays.clear()
+        np.save(self.dir / "offsets.npy", offsets.astype(np.int64))

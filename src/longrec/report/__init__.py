@@ -1,0 +1,1 @@
+"""Tables and plots of datasets, runs and benchmarks."""
