@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("prepare", "synth")
+COMMAND_MODULES = ("prepare", "synth", "demo")
 
 
 def register_all(app: typer.Typer) -> None:

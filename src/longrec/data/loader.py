@@ -1,0 +1,214 @@
+"""Batches sliced from the memory-mapped store with vectorised gathers, prefetched in a thread.
+
+A batch holds B requests; each request is the samples sharing a `request_id` (one user, one
+history, up to M targets). Pointwise loading is the M = 1 case: every sample its own request.
+The history of a request is the store rows `[max(user_start, hist_end - max_len), hist_end)`,
+gathered for the whole batch with one index matrix (torch indexing, which runs in C++ without
+the GIL, so the prefetch thread overlaps the training step). Batch `i` of epoch `e` depends only
+on (seed, e, i), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from longrec.data.batch import Batch
+from longrec.data.dataset import PreparedDataset
+from longrec.errors import UserError
+
+_SAMPLE_COLUMNS = {"user", "hist_end", "target_ts", "label", "request_id"}
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 256  # requests per batch (= samples when pointwise)
+    max_len: int = 200  # most recent behaviours kept per history
+    layout: str = "pointwise"  # "pointwise" (M = 1) or "request" (all targets of a request)
+    shuffle: bool = False
+    seed: int = 0
+    drop_last: bool = False
+    pad_multiple: int = 8  # L is rounded up to this (kernel-friendly), never beyond max_len
+    prefetch: int = 2  # batches prepared ahead in a background thread (0 = none)
+    rank: int = 0  # data-parallel shard of this process
+    world_size: int = 1
+    history_fields: tuple[str, ...] | None = None  # default: every store field
+
+
+class RequestIndex:
+    """Where each request's samples are in a split: contiguous runs of equal request_id."""
+
+    def __init__(self, cols: dict[str, np.ndarray], pointwise: bool):
+        n = len(cols["label"])
+        if pointwise:
+            self.start = np.arange(n, dtype=np.int64)
+            self.count = np.ones(n, dtype=np.int64)
+            return
+        rid = cols["request_id"]
+        boundary = np.flatnonzero(rid[1:] != rid[:-1]) + 1
+        self.start = np.concatenate(([0], boundary)).astype(np.int64)
+        self.count = np.diff(np.concatenate((self.start, [n]))).astype(np.int64)
+        first = np.repeat(self.start, self.count)
+        if not (
+            np.array_equal(cols["hist_end"], cols["hist_end"][first])
+            and np.array_equal(cols["user"], cols["user"][first])
+        ):
+            raise UserError(
+                "samples of one request differ in user or history; prepare the data again"
+            )
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+class BatchLoader:
+    """Iterates a split of a prepared dataset as `Batch`es."""
+
+    def __init__(self, dataset: PreparedDataset, split: str, cfg: LoaderConfig):
+        if cfg.layout not in ("pointwise", "request"):
+            raise UserError(f"loader layout must be pointwise or request, got '{cfg.layout}'")
+        if cfg.batch_size < 1 or cfg.max_len < 1:
+            raise UserError("batch_size and max_len must be >= 1")
+        self.dataset, self.split, self.cfg = dataset, split, cfg
+        self.cols = dataset.split(split)
+        self.requests = RequestIndex(self.cols, cfg.layout == "pointwise")
+        store = dataset.store
+        names = cfg.history_fields or tuple(store.fields)
+        missing = [n for n in names if n not in store.fields]
+        if missing:
+            raise UserError(
+                f"history fields {missing} not in the dataset (it has {list(store.fields)})"
+            )
+        # torch views of the memory-mapped arrays: no copy, pages load on first touch
+        self._store = {n: _as_tensor(store.fields[n]) for n in names}
+        self._ts = _as_tensor(store.ts)
+        self._offsets = torch.from_numpy(np.asarray(store.offsets, dtype=np.int64))
+        self._targets = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.cols.items()}
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self._order(0))
+        return n // self.cfg.batch_size if self.cfg.drop_last else -(-n // self.cfg.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.requests.count[self._order(0)].sum())
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.requests)
+        if self.cfg.shuffle:
+            order = np.random.default_rng((self.cfg.seed, epoch)).permutation(n)
+        else:
+            order = np.arange(n)
+        return order[self.cfg.rank :: self.cfg.world_size]
+
+    def batch_requests(self, epoch: int) -> list[np.ndarray]:
+        order = self._order(epoch)
+        bs = self.cfg.batch_size
+        stop = len(order) - len(order) % bs if self.cfg.drop_last else len(order)
+        return [order[i : i + bs] for i in range(0, stop, bs)]
+
+    def make_batch(self, requests: np.ndarray) -> Batch:
+        cfg = self.cfg
+        start = torch.from_numpy(self.requests.start[requests])
+        count = torch.from_numpy(self.requests.count[requests])
+        m = int(count.max())
+        cols = self._targets
+        tgt = start[:, None] + torch.arange(m)[None, :]
+        target_mask = torch.arange(m)[None, :] < count[:, None]
+        tgt = torch.where(target_mask, tgt, start[:, None])
+        first = start
+        user = cols["user"][first].long()
+        end = cols["hist_end"][first].long()
+        lo = torch.maximum(self._offsets[user], end - cfg.max_len)
+        longest = int((end - lo).max()) if len(end) else 0
+        length = min(cfg.max_len, _round_up(max(longest, 1), cfg.pad_multiple))
+        idx = end[:, None] - length + torch.arange(length)[None, :]
+        mask = idx >= lo[:, None]
+        idx = torch.where(mask, idx, torch.zeros((), dtype=idx.dtype))
+        history = {}
+        for name, arr in self._store.items():
+            vals = arr[idx]
+            history[name] = vals * (mask if vals.dim() == 2 else mask[..., None])
+        history_ts = self._ts[idx] * mask
+        target = {k: v[tgt] for k, v in cols.items() if k not in _SAMPLE_COLUMNS}
+        label = torch.where(target_mask, cols["label"][tgt].float(), torch.zeros(()))
+        sample_index = torch.where(target_mask, tgt, torch.full((), -1, dtype=tgt.dtype))
+        return Batch(
+            user=user,
+            history=history,
+            history_mask=mask,
+            history_ts=history_ts,
+            target=target,
+            target_ts=cols["target_ts"][tgt].long(),
+            label=label,
+            target_mask=target_mask,
+            sample_index=sample_index,
+        )
+
+    def iter_epoch(self, epoch: int | None = None, start_batch: int = 0) -> Iterator[Batch]:
+        epoch = self.epoch if epoch is None else epoch
+        chunks = self.batch_requests(epoch)[start_batch:]
+        if self.cfg.prefetch <= 0:
+            for requests in chunks:
+                yield self.make_batch(requests)
+            return
+        yield from _prefetch((self.make_batch(r) for r in chunks), self.cfg.prefetch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_epoch()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only memory map (torch warns about writability; it never writes)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+_DONE = object()
+
+
+def _prefetch(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run `gen` in a daemon thread, `depth` items ahead; exceptions re-raise in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in gen:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(_DONE)
+        except BaseException as err:  # handed to the consumer
+            q.put(err)
+
+    thread = threading.Thread(target=work, daemon=True, name="longrec-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
