@@ -1,0 +1,111 @@
+"""The model contract (DESIGN.md): forward == score(encode_user(batch), batch).
+
+`encode_user` does all the work that does not depend on the targets (embedding the history,
+precomputing keys, a history FFN, a KV cache) and returns a `UserState` (a dict of tensors,
+cacheable per user); `score` does the rest for the M targets of each row. Training uses
+`forward_train`, which may also return auxiliary logits (DARE's full-sequence head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from longrec.data.batch import Batch
+from longrec.data.schema import FieldSpec
+from longrec.errors import UserError
+
+UserState = dict[str, Tensor]
+
+
+@dataclass
+class DataSchema:
+    """What a model needs to know about the data to build its tables."""
+
+    fields: dict[str, FieldSpec]  # history fields
+    target_fields: tuple[str, ...]
+    n_users: int
+    max_len: int
+    n_target_types: int = 0
+
+    @classmethod
+    def from_dataset(cls, dataset, max_len: int) -> DataSchema:
+        n_types = dataset.vocab_size("target_type") if "target_type" in dataset.target_fields else 0
+        return cls(
+            dict(dataset.fields), tuple(dataset.target_fields), dataset.n_users, max_len, n_types
+        )
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fields"] = {k: v.to_json() for k, v in self.fields.items()}
+        d["target_fields"] = list(self.target_fields)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> DataSchema:
+        d = dict(d)
+        d["fields"] = {k: FieldSpec.from_json(v) for k, v in d["fields"].items()}
+        d["target_fields"] = tuple(d["target_fields"])
+        return cls(**d)
+
+    def shared_item_fields(self) -> list[str]:
+        """Item-side fields present in both history and targets (item first)."""
+        names = [n for n, f in self.fields.items() if f.side == "item" and n in self.target_fields]
+        return sorted(names, key=lambda n: (n != "item", n != "category", n))
+
+    def vocab(self, name: str) -> int:
+        return self.fields[name].vocab_size
+
+    def multi_fields(self) -> frozenset[str]:
+        return frozenset(n for n, f in self.fields.items() if f.width > 1)
+
+
+class SequenceModel(nn.Module, ABC):
+    """Base of every model: parameters come from a `Params` dataclass with documented defaults."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = object
+
+    def __init__(self, schema: DataSchema, params: Any):
+        super().__init__()
+        self.schema = schema
+        self.params = params
+
+    @classmethod
+    def make_params(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(
+                f"model '{cls.name}': unknown parameter(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return cls.Params(**values)
+
+    @abstractmethod
+    def encode_user(self, batch: Batch) -> UserState:
+        """Everything that does not depend on the targets."""
+
+    @abstractmethod
+    def score(self, state: UserState, batch: Batch) -> Tensor:
+        """Logits [B, M] of the targets given the user state."""
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.score(self.encode_user(batch), batch)
+
+    def forward_train(self, batch: Batch) -> tuple[Tensor, list[tuple[Tensor, float]]]:
+        """(logits, [(auxiliary logits, loss weight), ...]); no auxiliary head by default."""
+        return self(batch), []
+
+    def search_scores(self, batch: Batch) -> Tensor | None:
+        """Relevance of every behaviour to every target [B, M, L] as the search stage ranks it
+        (for retrieval NDCG); None for models without a search stage."""
+        return None
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Embedding tables (separate optimiser, no L2 penalty)."""
+        return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]

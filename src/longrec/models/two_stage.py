@@ -1,0 +1,187 @@
+"""The two-stage search family of DARE's Table 1: TWIN and its variants, TWIN-4E and DARE.
+
+Search (GSU): score every behaviour against the target with the attention embeddings and keep
+the top K (soft), or keep the target's category (hard). Sequence modelling (ESU): softmax of
+the same scores over the retrieved behaviours weights the representation embeddings; the MLP
+sees [v_t, h, v_t ⊙ h] (target-aware representation, TR). DARE (Feng et al., ICLR 2025,
+arXiv 2410.02604) decouples the attention and representation tables, so the search can run at a
+smaller attention dimension; TWIN (Chang et al., KDD 2023) shares one table, as re-implemented
+in DARE's code. Everything here follows DARE's released code (SPEC §3.3-3.4), including the
+auxiliary full-sequence head that gives every behaviour an attention gradient.
+[INFER] With several item-side fields (e.g. genres, category levels) every shared field is
+embedded; DARE's public data has item and category only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longrec.data.batch import Batch
+from longrec.models.base import DataSchema, SequenceModel, UserState
+from longrec.models.registry import register, register_variant
+from longrec.models.towers import Embedded, Towers, attention_scores
+from longrec.nn.attention import masked_softmax
+from longrec.nn.embedding import init_normal
+from longrec.nn.heads import MLPHead
+from longrec.nn.search import gather_behaviours, hard_search, topk_search
+
+
+@dataclass
+class TwoStageParams:
+    embed_dim: int = 16  # representation dim per field (Table 1's "embedding dim")
+    pos_dim: int = 16  # target-relative position ("time") embedding; 0 = none
+    attn_dim: int | None = None  # attention dim per field (DARE); None = embed_dim
+    attn_pos_dim: int | None = None  # None = pos_dim
+    fields: tuple[str, ...] | None = None  # None = item-side fields shared by history and target
+    coupling: str = "decoupled"  # decoupled (DARE) | shared (TWIN) | four (TWIN-4E) | projection
+    projection: str = "per_field"  # TWIN w/ proj.: per_field (released script) | concat (README)
+    search: str = "soft"  # soft (top-k by score) | hard (same category, then recent) | full
+    top_k: int = 20
+    target_repr: bool = True  # TR: v_t ⊙ h into the MLP
+    only_odot: bool = False  # the MLP sees v_t ⊙ h only
+    aux_loss: bool = True  # full-sequence auxiliary head, on in all of DARE's scripts
+    aux_weight: float = 1.0
+    hidden: tuple[int, ...] = (200, 80)
+    init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
+    dedup: bool = False  # look each distinct id of a batch up once
+
+
+@register("dare", "DARE: decoupled attention/representation tables, soft top-k search (ICLR'25)")
+class TwoStageModel(SequenceModel):
+    Params = TwoStageParams
+
+    def __init__(self, schema: DataSchema, params: TwoStageParams, sparse_embeddings: bool = False):
+        super().__init__(schema, params)
+        p = params
+        if p.search not in ("soft", "hard", "full"):
+            raise ValueError(f"search must be soft, hard or full, got '{p.search}'")
+        self.fields = list(p.fields) if p.fields else schema.shared_item_fields()
+        if p.search == "hard" and "category" not in self.fields:
+            raise ValueError("hard search needs a category field")
+        self.towers = Towers(
+            schema,
+            self.fields,
+            embed_dim=p.embed_dim,
+            pos_dim=p.pos_dim,
+            attn_dim=p.attn_dim or p.embed_dim,
+            attn_pos_dim=p.pos_dim if p.attn_pos_dim is None else p.attn_pos_dim,
+            coupling=p.coupling,
+            projection=p.projection,
+            max_positions=max(schema.max_len, 1),
+            dedup=p.dedup,
+            sparse=sparse_embeddings,
+        )
+        d = self.towers.repr_dim()
+        in_dim = d if p.only_odot else (3 * d if p.target_repr else 2 * d)
+        self.head = MLPHead(in_dim, p.hidden)
+        self.aux_head = MLPHead(in_dim, p.hidden[:1]) if p.aux_loss else None
+        init_normal(self, p.init_std)
+        for m in self.modules():
+            if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+    # -- contract -------------------------------------------------------------------------
+    def encode_user(self, batch: Batch) -> UserState:
+        keys = self.towers.embed("attn_hist", batch)
+        values = self.towers.embed("repr_hist", batch).joined()
+        state = {"keys_sem": keys.sem, "values": values, "mask": batch.history_mask}
+        if keys.pos is not None:
+            state["keys_pos"] = keys.pos
+        if self.params.search == "hard":
+            state["category"] = batch.history["category"]
+        return state
+
+    def score(self, state: UserState, batch: Batch) -> Tensor:
+        return self._run(state, batch, aux=False)[0]
+
+    def forward_train(self, batch: Batch):
+        logits, aux = self._run(self.encode_user(batch), batch, aux=self.aux_head is not None)
+        return logits, ([(aux, self.params.aux_weight)] if aux is not None else [])
+
+    def search_scores(self, batch: Batch) -> Tensor:
+        state = self.encode_user(batch)
+        scores = self._scores(state, batch)
+        if self.params.search == "hard":
+            return self._hard_rank(state, batch).float()
+        return scores
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _scores(self, state: UserState, batch: Batch) -> Tensor:
+        keys = Embedded(state["keys_sem"], state.get("keys_pos"))
+        query = self.towers.embed("attn_tgt", batch)
+        return attention_scores(keys, query)  # [B, M, L]
+
+    def _hard_rank(self, state, batch) -> Tensor:
+        cat, tgt = state["category"], batch.target["category"]
+        length = cat.shape[-1]
+        match = (cat.unsqueeze(1) == tgt.unsqueeze(-1)) & state["mask"].unsqueeze(1)
+        return match * (2 * length) + torch.arange(length, device=cat.device)
+
+    def _run(self, state: UserState, batch: Batch, aux: bool) -> tuple[Tensor, Tensor | None]:
+        p = self.params
+        scores = self._scores(state, batch)
+        mask, values = state["mask"], state["values"]
+        if p.search == "full":
+            weights = masked_softmax(scores, mask)
+            pooled = torch.matmul(weights, values)
+        else:
+            if p.search == "soft":
+                idx, valid = topk_search(scores, mask, p.top_k)
+            else:
+                idx, valid = hard_search(state["category"], batch.target["category"], mask, p.top_k)
+            picked = torch.gather(scores, 2, idx)
+            weights = masked_softmax(picked, valid)  # [B, M, K]
+            pooled = (weights.unsqueeze(-1) * gather_behaviours(values, idx)).sum(2)
+        target = self.towers.embed("repr_tgt", batch).joined()
+        logits = self.head(self._mlp_input(target, pooled), batch.target_mask)
+        aux_logits = None
+        if aux:
+            full = torch.matmul(masked_softmax(scores, mask), values)
+            aux_logits = self.aux_head(self._mlp_input(target, full), batch.target_mask)
+        return logits, aux_logits
+
+    def _mlp_input(self, target: Tensor, pooled: Tensor) -> Tensor:
+        p = self.params
+        if p.only_odot:
+            return target * pooled
+        if p.target_repr:
+            return torch.cat((target, pooled, target * pooled), dim=-1)
+        return torch.cat((target, pooled), dim=-1)
+
+
+register_variant(
+    "twin",
+    TwoStageModel,
+    "TWIN: one shared table for search and representation (KDD'23)",
+    coupling="shared",
+)
+register_variant(
+    "twin_hard",
+    TwoStageModel,
+    "TWIN (hard): category search, most recent first",
+    coupling="shared",
+    search="hard",
+)
+register_variant(
+    "twin_no_tr",
+    TwoStageModel,
+    "TWIN without target-aware representation",
+    coupling="shared",
+    target_repr=False,
+)
+register_variant(
+    "twin_proj",
+    TwoStageModel,
+    "TWIN w/ proj.: shared table + per-role linear projections",
+    coupling="projection",
+)
+register_variant(
+    "twin_4e",
+    TwoStageModel,
+    "TWIN-4E: separate attention/representation tables for history and target",
+    coupling="four",
+)

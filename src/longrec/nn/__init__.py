@@ -1,0 +1,1 @@
+"""Building blocks shared by the models; each is small and tested alone."""
