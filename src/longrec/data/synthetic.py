@@ -12,6 +12,7 @@ is written to a temporary folder beside OUT and renamed into place at the end. T
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import numpy as np
 
 from longrec.data.synthetic_behaviours import make_behaviours
 from longrec.data.synthetic_impressions import make_impressions
-from longrec.data.synthetic_world import DOMAINS, history_lengths, make_world
+from longrec.data.synthetic_world import DOMAINS, World, history_lengths, make_world
 from longrec.data.synthetic_write import ChunkWriter, summarize, write_tables
 from longrec.errors import UserError
 
@@ -117,20 +118,25 @@ class SynthConfig:
     """Requests follow a behaviour drawn from the last (1 - request_start) of the history."""
     request_delay_seconds: float = 600.0
     """Mean delay from that behaviour to the request."""
-    candidate_mix: tuple[float, float, float] = (0.3, 0.3, 0.4)
+    candidate_mix: tuple[float, float, float] = (0.35, 0.25, 0.4)
     """Candidate leaf from: a long-term interest, a recent behaviour, item popularity."""
     recent_window: int = 20
     """'Recent' candidates take the leaf of one of this many last behaviours."""
     target_types: tuple[str, ...] = ("click", "activation", "purchase")
     """Advertising target types (names written to the impressions file)."""
-    target_weights: tuple[float, ...] = (0.5, 0.25, 0.25)
+    target_weights: tuple[float, ...] = (0.4, 0.3, 0.3)
     """Share of candidates of each target type."""
-    target_tau_days: tuple[float, ...] = (1.0, 14.0, 60.0)
+    target_tau_days: tuple[float, ...] = (1.0, 7.0, 30.0)
     """Decay time constant of relevance, per target type."""
-    target_floor: tuple[float, ...] = (0.05, 0.3, 0.8)
+    target_floor: tuple[float, ...] = (0.05, 0.5, 0.85)
     """Relevance an arbitrarily old behaviour keeps, per target type (long-term memory)."""
     target_bias: tuple[float, ...] = (-2.8, -3.2, -3.4)
-    """Click logit with no relevant behaviour, per target type."""
+    """Click logit with no relevant behaviour, per target type (before the calibrated offset)."""
+    positive_rate: float | None = 0.2
+    """Overall positive rate to calibrate to: a common logit offset is solved on a pilot sample,
+    because relevance sums grow with history length. None = use target_bias as is."""
+    calibration_rows: int = 1_000_000
+    """Behaviours in the pilot sample used to calibrate the offset (its own random stream)."""
     relevance_gain: float = 1.6
     """Logit gain of log(1 + S), S = summed relevance of the truth rows."""
     branch_weight: float = 0.3
@@ -158,12 +164,15 @@ class SynthConfig:
             (self.max_len >= self.min_len, f"--max-len must be >= {self.min_len}"),
             (
                 self.min_len <= self.mean_len <= self.max_len,
-                f"--mean-len must be between {self.min_len} and --max-len {self.max_len} "
+                f"--mean-len must be between --min-len {self.min_len} and --max-len {self.max_len} "
                 f"(got {self.mean_len})",
             ),
             (self.length_sigma > 0, "length_sigma must be > 0"),
             (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
-            (min(self.n_l1, self.l2_per_l1, self.leaves_per_l2) >= 1, "taxonomy sizes must be >= 1"),
+            (
+                min(self.n_l1, self.l2_per_l1, self.leaves_per_l2) >= 1,
+                "taxonomy sizes must be >= 1",
+            ),
             (
                 self.content_category_base > 1 + self.n_l1 + self.n_l1 * self.l2_per_l1 + n_leaf,
                 "content_category_base must exceed every unified category id",
@@ -193,8 +202,15 @@ class SynthConfig:
             (min(self.target_floor) > 0, "target_floor must be > 0 (relevance stays positive)"),
             (self.truth_top_k >= 1, "truth_top_k must be >= 1"),
             (self.max_interests >= 1, "max_interests must be >= 1"),
-            (self.format in ("csv", "parquet"), f"--format must be csv or parquet, not {self.format!r}"),
+            (
+                self.format in ("csv", "parquet"),
+                f"--format must be csv or parquet, not {self.format!r}",
+            ),
             (self.chunk_rows >= 1, "chunk_rows must be >= 1"),
+            (
+                self.positive_rate is None or 0 < self.positive_rate < 1,
+                "positive_rate must be in (0, 1)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -215,6 +231,31 @@ def _chunks(lengths: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
         done = int(cum[end - 1])
         start = end
     return bounds
+
+
+def calibrate_offset(config: SynthConfig, world: World, lengths: np.ndarray) -> float:
+    """The logit offset giving `positive_rate` on a pilot sample of users.
+
+    Lengths are i.i.d., so the first users (up to `calibration_rows` behaviours, at least 50
+    users) are a fair sample; they are generated again from a separate stream and discarded.
+    """
+    if config.positive_rate is None or config.requests_per_user == 0:
+        return 0.0
+    n = int(np.searchsorted(np.cumsum(lengths), config.calibration_rows, side="right"))
+    pilot = lengths[: min(max(n, 50), lengths.size)]
+    rng = np.random.default_rng([config.seed, 3])
+    beh = make_behaviours(config, world, pilot, rng)
+    z = make_impressions(config, world, beh, pilot, rng).logit.astype(np.float64)
+    if z.size == 0:
+        return 0.0
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.mean(1.0 / (1.0 + np.exp(-(z + mid)))) < config.positive_rate:
+            lo = mid
+        else:
+            hi = mid
+    return round((lo + hi) / 2, 6)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
@@ -253,6 +294,7 @@ def generate(
     out = Path(out)
     began = time.perf_counter()
     tmp = _prepare_out(out, overwrite)
+    writer: ChunkWriter | None = None
     try:
         world = make_world(config, np.random.default_rng([config.seed, 0]))
         lengths = history_lengths(
@@ -263,6 +305,7 @@ def generate(
             config.max_len,
             np.random.default_rng([config.seed, 1]),
         )
+        offset = calibrate_offset(config, world, lengths)
         total_rows = int(lengths.sum())
         writer = ChunkWriter(tmp, config, world)
         pending: Future | None = None
@@ -281,7 +324,7 @@ def generate(
                 rng = np.random.default_rng([config.seed, 2, index])
                 chunk_len = lengths[u0:u1]
                 beh = make_behaviours(config, world, chunk_len, rng)
-                imp = make_impressions(config, world, beh, chunk_len, rng)
+                imp = make_impressions(config, world, beh, chunk_len, rng, offset)
                 writer.collect(imp)
                 tables = (beh, imp, u0 + 1, row0, imp0, req0)
                 if pending is not None:
@@ -294,6 +337,8 @@ def generate(
             if pending is not None:
                 bar.update(pending.result())
         writer.close()
+        stats = summarize(config, world, lengths, writer)
+        stats["generation_seconds"] = round(time.perf_counter() - began, 2)
         manifest = {
             "format": FORMAT,
             "seed": config.seed,
@@ -302,11 +347,15 @@ def generate(
             "behavior_columns": ["user", "item", "category", "behavior", "ts", "domain"],
             "target_types": list(config.target_types),
             "domains": list(DOMAINS),
-            "stats": summarize(config, world, lengths, writer, time.perf_counter() - began),
+            "stats": stats,
+            "logit_offset": offset,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _commit(tmp, out, overwrite)
     except BaseException:
+        if writer is not None:
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest

@@ -34,6 +34,7 @@ class Impressions:
     ts: np.ndarray  # int64 [imps]
     target: np.ndarray  # int8 [imps] index into target_types
     label: np.ndarray  # int8 [imps]
+    logit: np.ndarray  # float32 [imps] click logit before the calibrated offset
     prob: np.ndarray  # float32 [imps] the click probability the label was drawn from
     score: np.ndarray  # float32 [imps] S: summed relevance of the truth rows
     score_recent: np.ndarray  # float32 [imps] the same, over the last `eval_recent` behaviours
@@ -81,7 +82,12 @@ def _top_k(pi: np.ndarray, row: np.ndarray, rel: np.ndarray, cnt: np.ndarray, k:
 
 
 def make_impressions(
-    cfg: SynthConfig, world: World, b: Behaviours, lengths: np.ndarray, rng
+    cfg: SynthConfig,
+    world: World,
+    b: Behaviours,
+    lengths: np.ndarray,
+    rng,
+    bias_offset: float = 0.0,
 ) -> Impressions:
     tax, items = world.tax, world.items
     n = int(lengths.shape[0])
@@ -161,7 +167,7 @@ def make_impressions(
     # --- labels
     bias = np.asarray(cfg.target_bias, dtype=np.float64)[target]
     z = bias + cfg.relevance_gain * np.log1p(score) + items.quality_of[item]
-    prob = 1.0 / (1.0 + np.exp(-z))
+    prob = 1.0 / (1.0 + np.exp(-(z + bias_offset)))
     label = (rng.random(ni) < prob).astype(np.int8)
     return Impressions(
         request=req,
@@ -171,6 +177,7 @@ def make_impressions(
         ts=it,
         target=target,
         label=label,
+        logit=z.astype(np.float32),
         prob=prob.astype(np.float32),
         score=score.astype(np.float32),
         score_recent=score_recent.astype(np.float32),
