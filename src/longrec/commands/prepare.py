@@ -91,6 +91,10 @@ def prepare_command(
         raise UserError(f"--on-bad-rows must be error or skip, got '{on_bad_rows}'")
     if header not in ("auto", "yes", "no"):
         raise UserError(f"--header must be auto, yes or no, got '{header}'")
+    if delimiter == "\\t":  # typed as --delimiter '\t' in a shell
+        delimiter = "\t"
+    if delimiter == "":
+        raise UserError("--delimiter must not be empty")
     cfg = PrepareConfig(
         source=source,
         input=input,

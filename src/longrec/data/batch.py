@@ -23,6 +23,7 @@ class Batch:
     label: Tensor  # [B, M] float32
     target_mask: Tensor  # [B, M] bool, True = real target
     sample_index: Tensor | None = None  # [B, M] int64 row of each target in its split, -1 = pad
+    history_end: Tensor | None = None  # [B] int64 store row just after the history (provenance)
 
     @property
     def batch_size(self) -> int:

@@ -149,6 +149,7 @@ class BatchLoader:
             label=label,
             target_mask=target_mask,
             sample_index=sample_index,
+            history_end=end,
         )
 
     def iter_epoch(self, epoch: int | None = None, start_batch: int = 0) -> Iterator[Batch]:

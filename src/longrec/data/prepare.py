@@ -81,6 +81,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
     source = get_source(cfg.source)
     if protocol.name == "impressions" and cfg.source != "synth":
         raise UserError("--protocol impressions needs a source with an impression table (synth)")
@@ -137,10 +139,10 @@ def _filter_behaviors(con, loaded: LoadedSource, keep: tuple[str, ...] | None) -
             f"--behaviors: {', '.join(unknown)} not in the data (it has {', '.join(sorted(map(str, present)))})"
         )
     listed = ", ".join("'" + b.replace("'", "''") + "'" for b in keep)
-    n = con.execute(f"SELECT count(*) FROM behaviors WHERE behavior NOT IN ({listed})").fetchone()[
-        0
-    ]
-    con.execute(f"DELETE FROM behaviors WHERE behavior NOT IN ({listed})")
+    # rows without a behaviour type are not of a kept type either (NOT IN is NULL for them)
+    drop = f"behavior IS NULL OR behavior NOT IN ({listed})"
+    n = con.execute(f"SELECT count(*) FROM behaviors WHERE {drop}").fetchone()[0]
+    con.execute(f"DELETE FROM behaviors WHERE {drop}")
     loaded.report.add_filtered(f"behavior not in {{{', '.join(keep)}}}", int(n))
     if con.execute("SELECT count(*) FROM behaviors").fetchone()[0] == 0:
         raise UserError("no behaviours left after --behaviors")
@@ -264,7 +266,8 @@ def _write_store(
         selects.append(f"{sql} AS {decl.name}")
         if join:
             joins.append(join)
-    n_rows = con.execute("SELECT count(*) FROM behaviors").fetchone()[0]
+    # fetchall, not fetchone: a partly fetched result blocks the con.sql() below (DuckDB 2)
+    n_rows = con.execute("SELECT count(*) FROM behaviors").fetchall()[0][0]
     query = f"""SELECT {user_sql} AS user, b.ts AS ts, b.ord AS source_row, {", ".join(selects)}
                 FROM behaviors b {user_join} {" ".join(joins)}
                 ORDER BY 1, b.ts, b.ord"""
@@ -301,8 +304,8 @@ def _item_tables(store: SequenceStore, specs: list[FieldSpec]) -> dict[str, np.n
             continue
         shape = (n_items,) if spec.width == 1 else (n_items, spec.width)
         table = np.zeros(shape, dtype=np.int32)
-        table[UNSEEN] = UNSEEN
         table[item] = np.asarray(store.fields[spec.name])
+        table[UNSEEN] = UNSEEN  # the bucket of rare items has no single value
         tables[spec.name] = table
     return tables
 

@@ -53,6 +53,13 @@ class ProtocolConfig:
             raise UserError("--negatives, --min-history must be >= 0 and --max-len >= 1")
         if not 0 < self.train_fraction <= 1:
             raise UserError("--train-fraction must be in (0, 1]")
+        if self.name == "dare" and (
+            self.train_offset < 2 or self.train_stride < 1 or self.train_targets < 0
+        ):
+            # otherwise train targets coincide with the valid (T-1) or test (T) target, or repeat
+            raise UserError(
+                "dare needs --train-offset >= 2, --train-stride >= 1 and --train-targets >= 0"
+            )
         if not 0 < self.valid_quantile <= self.test_quantile < 1:
             raise UserError("need 0 < --valid-quantile <= --test-quantile < 1")
         return replace(self, negatives=negatives, neg_sampling=sampling)
@@ -153,7 +160,18 @@ class NegativeSampler:
             if len(todo) == 0:
                 return out
             out[todo] = self._draw(rng, len(todo))
-        raise UserError(
-            f"could not find unseen negative items for {len(todo)} targets: users have interacted "
-            "with nearly every item; lower --negatives"
-        )
+        # Rejection keeps failing only for users who saw most of the probability mass: draw the
+        # rest exactly from the same distribution restricted to each user's unseen items.
+        weights = np.diff(self.cdf, prepend=0.0)
+        for user in np.unique(users[todo]):
+            lo, hi = np.searchsorted(self.seen, [user * self.n_items, (user + 1) * self.n_items])
+            mine = weights.copy()
+            mine[self.seen[lo:hi] - user * self.n_items] = 0.0
+            if mine.sum() <= 0:
+                raise UserError(
+                    f"could not find unseen negative items for user index {user}: it has "
+                    "interacted with every item that can be drawn; lower --negatives"
+                )
+            rows = todo[users[todo] == user]
+            out[rows] = rng.choice(self.n_items, size=len(rows), p=mine / mine.sum())
+        return out

@@ -59,7 +59,8 @@ def build_vocab(
         con.execute(
             f"SET VARIABLE vocab_map_{name} = (SELECT map(list(value), list(index)) FROM vocab_{name})"
         )
-    top = con.execute(f"SELECT coalesce(max(index), {UNSEEN}) FROM vocab_{name}").fetchone()[0]
+    # fetchall, not fetchone: a partly fetched result would block a following con.sql() (DuckDB 2)
+    top = con.execute(f"SELECT coalesce(max(index), {UNSEEN}) FROM vocab_{name}").fetchall()[0][0]
     return int(top) + 1
 
 

@@ -2,9 +2,10 @@
 
 DuckDB parses in parallel and out of core, and its reject tables give the physical line of
 every structural or conversion error; we type the columns strictly (integers as BIGINT, closed
-vocabularies as ENUM) so that most semantic problems surface there as conversion errors with a
-line number. DuckDB aborts on invalid UTF-8 instead of rejecting the row, so a fast byte-level
-pre-scan finds those lines first.
+vocabularies as ENUM) so that most semantic problems surface as conversion errors with a line
+number (integers and ENUMs are checked by us after parsing, see `read_delimited`). DuckDB aborts
+on invalid UTF-8 instead of rejecting the row, so a fast byte-level pre-scan finds those lines
+first.
 """
 
 from __future__ import annotations
@@ -184,14 +185,21 @@ def read_delimited(
             source = blank_lines(path, bad_utf8, (scratch or path.parent) / f"{table}.utf8-clean")
 
     by_name = {c.name: c for c in columns}
+    # Integer and ENUM columns are read as text, checked, then cast: DuckDB's text -> BIGINT cast
+    # is lenient ("1.5" -> 2, "1e3" -> 1000, "0x10" -> 16, silently rounding timestamps and
+    # merging ids), and its reject table gives ENUM errors a wrong line when blank lines follow.
+    typed = [c for c in columns if c.sql_type in ("BIGINT", "ENUM")]
     spec = (
         "{"
-        + ", ".join(f"'{c.name}': '" + c.type_sql().replace("'", "''") + "'" for c in columns)
+        + ", ".join(
+            f"'{c.name}': '" + ("VARCHAR" if c in typed else c.type_sql()).replace("'", "''") + "'"
+            for c in columns
+        )
         + "}"
     )
     rejects, scans, raw = f"{table}_rejects", f"{table}_reject_scans", f"{table}_raw"
     con.execute(
-        f"""CREATE OR REPLACE TABLE {raw} AS SELECT * FROM read_csv(?,
+        f"""CREATE OR REPLACE TEMP TABLE {raw} AS SELECT * FROM read_csv(?,
             delim = ?, quote = ?, escape = ?, header = ?, auto_detect = false, encoding = ?,
             columns = {spec}, store_rejects = true,
             rejects_table = '{rejects}', rejects_scan = '{scans}', null_padding = false)""",
@@ -208,7 +216,21 @@ def read_delimited(
         bad_rows.append((BadRow(str(path), int(line), reason, text), 1))
     rejected_lines = np.array([r[0] for r in rejected], dtype=np.int64)
 
-    con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT rowid AS ord, * FROM {raw}")
+    if source != path:  # lines blanked for invalid UTF-8 are not data rows either
+        rejected_lines = np.union1d(rejected_lines, np.asarray(bad_utf8, dtype=np.int64))
+
+    # the text table is temporary (strings are costly to persist); the typed one is kept
+    type_checks = _type_checks(typed)
+    found = _run_checks(
+        con, raw, path, header, type_checks, rejected_lines, order="rowid", delete=False
+    )
+    bad_rows.extend(found)
+    casts = ", ".join(f"CAST({c.name} AS {c.type_sql()}) AS {c.name}" for c in typed)
+    replace = f" REPLACE ({casts})" if typed else ""
+    where = f" WHERE NOT ({_any_violation(type_checks)})" if found else ""
+    con.execute(
+        f"CREATE OR REPLACE TABLE {table} AS SELECT rowid AS ord, *{replace} FROM {raw}{where}"
+    )
     con.execute(f"DROP TABLE {raw}")
     semantic = _run_checks(con, table, path, header, checks, rejected_lines)
     bad_rows.extend(semantic)
@@ -228,20 +250,65 @@ def read_delimited(
     return report
 
 
-def _run_checks(con, table, path, header, checks, rejected_lines) -> list[tuple[BadRow, int]]:
-    """Find rows violating `checks`, delete them, and describe the first of each kind."""
+def _type_checks(typed: list[Column]) -> tuple[Check, ...]:
+    """Rows whose integer columns hold anything but an optionally signed run of digits, or whose
+    ENUM columns hold a value outside the vocabulary."""
+    checks = []
+    for c in typed:
+        if c.sql_type == "ENUM":
+            listed = ", ".join("'" + v.replace("'", "''") + "'" for v in c.values)
+            wrong = f"{c.name} NOT IN ({listed})"
+        else:
+            wrong = (
+                f"TRY_CAST({c.name} AS BIGINT) IS NULL"
+                f" OR NOT regexp_full_match({c.name}, '\\s*[-+]?[0-9]+\\s*')"
+            )
+        checks.append(
+            Check(
+                f"({c.name} IS NOT NULL AND ({wrong}))",
+                f"bad_value:{c.name}",
+                f"field '{c.name}': expected {c.expectation()}, got \"{{value}}\"",
+                c.name,
+            )
+        )
+    return tuple(checks)
+
+
+def _violates(check: Check) -> str:
+    return f"coalesce(({check.violation_sql}), false)"
+
+
+def _any_violation(checks: tuple[Check, ...] | list[Check]) -> str:
+    return " OR ".join(_violates(c) for c in checks) or "false"
+
+
+def _run_checks(
+    con, table, path, header, checks, rejected_lines, *, order: str = "ord", delete: bool = True
+) -> list[tuple[BadRow, int]]:
+    """Find rows violating `checks` in one scan, describe the first of each kind and (with
+    `delete`) delete them. A row breaking several checks counts once, for the first of them."""
+    if not checks:
+        return []
+    parts = []
+    for k, check in enumerate(checks):
+        only = " AND ".join([_violates(check), *(f"NOT {_violates(c)}" for c in checks[:k])])
+        parts.append(
+            f"count(*) FILTER (WHERE {only}), min({order}) FILTER (WHERE {only}), "
+            f"arg_min({check.value_sql}, {order}) FILTER (WHERE {only})"
+        )
+    row = con.execute(f"SELECT {', '.join(parts)} FROM {table}").fetchall()[0]
+    hits = [(c, row[3 * k], row[3 * k + 1], row[3 * k + 2]) for k, c in enumerate(checks)]
+    hits = [h for h in hits if h[1]]
+    if not hits:
+        return []
+    first_rows = np.array([h[2] for h in hits], dtype=np.int64)
+    lines = data_line_numbers(path, header, rejected_lines, first_rows)
     found: list[tuple[BadRow, int]] = []
-    for check in checks:
-        n, first_ord, value = con.execute(
-            f"""SELECT count(*), min(ord), arg_min({check.value_sql}, ord)
-                FROM {table} WHERE {check.violation_sql}"""
-        ).fetchone()
-        if not n:
-            continue
-        line = int(data_line_numbers(path, header, rejected_lines, np.array([first_ord]))[0])
+    for (check, n, _, value), line in zip(hits, lines.tolist(), strict=True):
         message = check.message.format(value=value)
         found.append((BadRow(str(path), line if line > 0 else None, check.reason, message), n))
-        con.execute(f"DELETE FROM {table} WHERE {check.violation_sql}")
+    if delete:
+        con.execute(f"DELETE FROM {table} WHERE {_any_violation([h[0] for h in hits])}")
     return found
 
 

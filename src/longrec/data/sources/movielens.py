@@ -83,6 +83,7 @@ class MovieLensSource(Source):
                 on_bad_rows=opts.on_bad_rows,
                 scratch=scratch,
             )
+            report.rows_read += movie_report.rows_read  # rows read from both input files
             report.skipped.update({f"movies:{k}": v for k, v in movie_report.skipped.items()})
             report.first_example.update(
                 {f"movies:{k}": v for k, v in movie_report.first_example.items()}

@@ -9,6 +9,7 @@ are recognised; any other key becomes an extra item-side field of that name.
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import duckdb
@@ -36,7 +37,32 @@ def parse_column_map(text: str | None) -> dict[str, str] | None:
     missing = [c for c in REQUIRED_COLUMNS if c not in mapping]
     if missing:
         raise UserError(f"--columns: missing required key(s) {', '.join(missing)}")
+    check_field_names(mapping, "--columns")
     return mapping
+
+
+# names the prepared dataset already uses for its own columns and files
+_RESERVED_NAMES = frozenset(
+    {"ord", "offsets", "source_row", "hist_end", "target_ts", "label", "request_id", "target_type"}
+)
+
+
+def check_field_names(names, where: str) -> None:
+    """Field names become SQL identifiers and file names: plain words that DuckDB accepts bare,
+    other than the names of the dataset's own columns."""
+    for name in names:
+        ok = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None
+        ok = ok and name not in _RESERVED_NAMES
+        if ok:
+            try:
+                duckdb.execute(f'SELECT {name} FROM (SELECT 1 AS "{name}")').fetchall()
+            except duckdb.Error:
+                ok = False
+        if not ok:
+            raise UserError(
+                f"{where}: '{name}' cannot be a field name (use letters, digits and _, not an "
+                "SQL keyword or a name the dataset uses); map it with --columns NAME=COLUMN"
+            )
 
 
 def _fields_for(keys: list[str]) -> list[FieldDecl]:
@@ -48,7 +74,11 @@ def _fields_for(keys: list[str]) -> list[FieldDecl]:
 
 
 def _first_line(path: Path, delimiter: str) -> list[str]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        if len(delimiter) != 1:  # the csv module takes one character; DuckDB also takes "::"
+            line = f.readline().rstrip("\r\n")
+            return [v.strip('"') for v in line.split(delimiter)] if line else []
         return next(csv.reader(f, delimiter=delimiter), [])
 
 
@@ -58,6 +88,7 @@ def _resolve(mapping: dict[str, str] | None, first: list[str], header_opt: str, 
         if header_opt == "no":
             raise UserError(f"{path}: without a header line, --columns must give column positions")
         mapping = {c: c for c in first}
+        check_field_names(mapping, f"{path}: header")
         missing = [c for c in REQUIRED_COLUMNS if c not in first]
         if missing:
             raise DataError(
@@ -157,6 +188,7 @@ class ParquetSource(Source):
             ) from None
         types = {name: kind for name, kind, *_ in schema}
         mapping = opts.columns or {c: c for c in types}
+        check_field_names(mapping, f"{path}: column names")
         for key in REQUIRED_COLUMNS:
             if key not in mapping:
                 raise DataError(path, f"no '{key}' column; name it with --columns {key}=COLUMN")
@@ -168,7 +200,17 @@ class ParquetSource(Source):
         ts_type = types[mapping["ts"]]
         if "TIMESTAMP" in ts_type:
             ts_sql = f'CAST(epoch("{mapping["ts"]}") AS BIGINT)'
-        elif "INT" in ts_type:
+        elif ts_type in (
+            "TINYINT",
+            "SMALLINT",
+            "INTEGER",
+            "BIGINT",
+            "UTINYINT",
+            "USMALLINT",
+            "UINTEGER",
+            "UBIGINT",
+            "HUGEINT",
+        ):
             ts_sql = f'CAST("{mapping["ts"]}" AS BIGINT)'
         else:
             raise DataError(

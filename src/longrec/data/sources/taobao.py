@@ -7,7 +7,7 @@ from pathlib import Path
 import duckdb
 
 from longrec.data.sources.base import FieldDecl, LoadedSource, Source, SourceOptions
-from longrec.data.sources.delimited import Column, read_delimited
+from longrec.data.sources.delimited import Column, not_null, read_delimited
 
 TAOBAO_BEHAVIORS = ("pv", "buy", "cart", "fav")
 
@@ -33,6 +33,13 @@ class TaobaoSource(Source):
             "taobao_raw",
             delimiter=opts.delimiter or ",",
             header=opts.header == "yes",
+            # an empty field would otherwise become a NULL user/item/time or behaviour type
+            checks=(
+                not_null("user", "an integer"),
+                not_null("item", "an integer"),
+                not_null("behavior", "one of " + ", ".join(TAOBAO_BEHAVIORS)),
+                not_null("ts", "an integer unix timestamp"),
+            ),
             on_bad_rows=opts.on_bad_rows,
             scratch=scratch,
         )

@@ -35,8 +35,10 @@ class TmallSource(Source):
             Column("action_type", "ENUM", tuple(TMALL_ACTIONS)),
         ]
         year = int(opts.year)
+        # the range test first: lpad cuts longer values, so 11111 would read as 1111 (Nov 11)
         date_sql = (
-            f"try_strptime(lpad(CAST(time_stamp AS VARCHAR), 4, '0') || '{year:04d}', '%m%d%Y')"
+            "try_strptime(CASE WHEN time_stamp BETWEEN 0 AND 9999 THEN "
+            f"lpad(CAST(time_stamp AS VARCHAR), 4, '0') END || '{year:04d}', '%m%d%Y')"
         )
         checks = (
             Check(
