@@ -44,7 +44,7 @@ def run(store: SequenceStore, cfg: ProtocolConfig) -> tuple[SampleSet, dict, Pro
     cfg = cfg.resolved()
     notes: dict = {}
     specs = [FieldSpec("item", N_ITEMS)]
-    samples = _behavior_samples(store, specs, cfg, int(store.ts.min()), notes)
+    samples = _behavior_samples(store, specs, cfg, notes)
     return samples, notes, cfg
 
 

@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("prepare", "synth", "demo")
+COMMAND_MODULES = ("prepare", "synth", "demo", "train", "compare", "bench")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -77,7 +77,7 @@ def prepare_command(
     min_count: Annotated[int, typer.Option(help="rarer item-side values map to 'unseen'")] = 1,
     seed: Annotated[int, typer.Option(help="seed of negative sampling and subsampling")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
-    memory_limit: Annotated[str, typer.Option(help="DuckDB memory budget")] = "6GB",
+    memory_limit: Annotated[str, typer.Option(help="DuckDB memory budget")] = "4GB",
     threads: Annotated[int | None, typer.Option(help="DuckDB threads (default: all cores)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress lines")] = False,
 ) -> None:

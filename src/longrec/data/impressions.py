@@ -8,6 +8,7 @@ ground truth of a synthetic log (which behaviours drive each label) is carried o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,52 +21,67 @@ from longrec.data.store import SequenceStore, history_end
 from longrec.data.vocab import build_vocab, encode_sql
 
 
-def impression_samples(
-    con,
-    loaded: LoadedSource,
-    specs: list[FieldSpec],
-    item_tables: dict[str, np.ndarray],
-    store: SequenceStore,
-    protocol: ProtocolConfig,
-    imp_cols: set[str],
-    vocab_dir: Path,
-    notes: dict,
-) -> tuple[SampleSet, int]:
+@dataclass
+class ImpressionTable:
+    """The impressions, vocabulary-encoded, as numpy columns in file order (+ raw truth)."""
+
+    cols: dict[str, np.ndarray]
+    ords: np.ndarray
+    item_fields: list[str]  # item-side fields the impressions carry themselves
+    truth: dict[str, np.ndarray] | None
+
+
+def fetch_impressions(
+    con, loaded: LoadedSource, specs: list[FieldSpec], imp_cols: set[str], vocab_dir: Path
+) -> ImpressionTable:
+    """Everything the impressions protocol needs from DuckDB, so the connection (and its
+    memory) can be released before the numpy phase."""
     imp = loaded.impressions
     build_vocab(con, "target_type", [(imp, "target_type")], vocab_dir)
-    fields = [s for s in specs if s.side == "item" and s.name in imp_cols and s.width == 1]
+    fields = [s.name for s in specs if s.side == "item" and s.name in imp_cols and s.width == 1]
     selects, joins = [], []
-    for name in [USER, "target_type", *(s.name for s in fields)]:
+    for name in [USER, "target_type", *fields]:
         sql, join = encode_sql(name, name, "i")
         selects.append(f"{sql} AS {name}")
         joins.append(join)
-    cols = (
-        con.sql(
-            f"""SELECT i.ord AS ord, i.ts AS target_ts, CAST(i.label AS FLOAT) AS label,
-                   CAST(i.request_id AS BIGINT) AS request_id, {", ".join(selects)}
-                FROM {imp} i {" ".join(joins)} ORDER BY i.ord"""
-        )
-        .to_arrow_table()
-        .to_pydict()
-    )
-    cols = {k: np.asarray(v) for k, v in cols.items()}
+    table = con.sql(
+        f"""SELECT i.ord AS ord, i.ts AS target_ts, CAST(i.label AS FLOAT) AS label,
+               CAST(i.request_id AS BIGINT) AS request_id, {", ".join(selects)}
+            FROM {imp} i {" ".join(joins)} ORDER BY i.ord"""
+    ).to_arrow_table()
+    cols = {k: table[k].to_numpy() for k in table.column_names}
     ords = cols.pop("ord")
+    truth = None
+    if loaded.truth:
+        t = con.sql(
+            f"SELECT impression, behavior_ord, relevance FROM {loaded.truth}"
+        ).to_arrow_table()
+        truth = {k: t[k].to_numpy() for k in t.column_names}
+    return ImpressionTable(cols, ords, fields, truth)
+
+
+def impression_samples(
+    data: ImpressionTable,
+    item_tables: dict[str, np.ndarray],
+    store: SequenceStore,
+    protocol: ProtocolConfig,
+    notes: dict,
+) -> SampleSet:
+    cols, ords = dict(data.cols), data.ords
     ts = cols["target_ts"].astype(np.int64)
-    origin = int(min(ts.min(), store.ts.min() if store.n_rows else ts.min()))
-    keys = store.time_keys(origin)
     users = cols[USER].astype(np.int64)
     cols[USER] = users
-    cols["hist_end"] = history_end(keys, users, ts, origin)
+    cols["hist_end"] = history_end(store.ts, store.offsets, users, ts)
     bad_labels = int(((cols["label"] != 0) & (cols["label"] != 1)).sum())
     if bad_labels:
         notes["labels_not_0_or_1"] = bad_labels
 
     # items seen only in impressions take their item-side fields from there
-    for spec in fields:
-        if spec.name != "item":
-            table = item_tables[spec.name]
+    for name in data.item_fields:
+        if name != "item":
+            table = item_tables[name]
             unknown = table[cols["item"]] == 0
-            table[cols["item"][unknown]] = cols[spec.name][unknown]
+            table[cols["item"][unknown]] = cols[name][unknown]
 
     valid_cut, test_cut = time_cuts(ts, protocol)
     notes["valid_cut_ts"], notes["test_cut_ts"] = valid_cut, test_cut
@@ -78,15 +94,12 @@ def impression_samples(
         where_split[ords[sel]] = index
         where_row[ords[sel]] = np.arange(len(sel))
     samples = SampleSet(splits)
-    if loaded.truth:
-        samples.truth = _truth(con, loaded.truth, store, where_split, where_row, splits, notes)
-    return samples, origin
+    if data.truth is not None:
+        samples.truth = _truth(data.truth, store, where_split, where_row, splits, notes)
+    return samples
 
 
-def _truth(
-    con, table, store, where_split, where_row, splits, notes
-) -> dict[str, dict[str, np.ndarray]]:
-    t = con.sql(f"SELECT impression, behavior_ord, relevance FROM {table}").to_arrow_table()
+def _truth(t, store, where_split, where_row, splits, notes) -> dict[str, dict[str, np.ndarray]]:
     imp = np.asarray(t["impression"], dtype=np.int64)
     ords = np.asarray(t["behavior_ord"], dtype=np.int64)
     rel = np.asarray(t["relevance"], dtype=np.float32)

@@ -21,7 +21,7 @@ import duckdb
 import numpy as np
 
 from longrec import __version__
-from longrec.data.impressions import impression_samples
+from longrec.data.impressions import fetch_impressions, impression_samples
 from longrec.data.protocols import (
     SPLITS,
     NegativeSampler,
@@ -57,7 +57,7 @@ class PrepareConfig:
     min_count: int = 1  # values of item-side fields rarer than this map to "unseen"
     max_multi: int = 16  # width of multi-valued fields (longer lists are cut)
     overwrite: bool = False
-    memory_limit: str = "6GB"  # DuckDB's budget; the rest spills to the build directory
+    memory_limit: str = "4GB"  # DuckDB's budget; the rest spills to the build directory
     threads: int | None = None
     quiet: bool = False
 
@@ -93,10 +93,13 @@ def prepare(cfg: PrepareConfig) -> dict:
     work.mkdir(parents=True)
     log = _Log(cfg.quiet)
     try:
-        con = duckdb.connect(str(work / "work.duckdb"))
+        # in-memory database: tables spill to temp_directory beyond memory_limit, and nothing
+        # is written to (and compressed into) a database file that is deleted afterwards
+        con = duckdb.connect()
         con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
         con.execute(f"SET temp_directory = '{work / 'spill'}'")
         con.execute("SET preserve_insertion_order = true")
+        con.execute("SET enable_progress_bar = false")
         if cfg.threads:
             con.execute(f"SET threads = {int(cfg.threads)}")
         loaded = source.load(con, Path(cfg.input), cfg.source_options, work)
@@ -172,16 +175,14 @@ def _build(
     )
 
     store = _write_store(con, loaded.fields, specs, n_users, build, log)
+    impressions = fetch_impressions(con, loaded, specs, imp_cols, vocab_dir) if imp else None
+    con.close()  # release DuckDB's memory before the numpy phase
     item_tables = _item_tables(store, specs)
-    ts_origin = int(store.ts.min()) if store.n_rows else 0
     notes: dict = {}
-    if imp:
-        samples, imp_origin = impression_samples(
-            con, loaded, specs, item_tables, store, protocol, imp_cols, vocab_dir, notes
-        )
-        ts_origin = min(ts_origin, imp_origin)
+    if impressions is not None:
+        samples = impression_samples(impressions, item_tables, store, protocol, notes)
     else:
-        samples = _behavior_samples(store, specs, protocol, ts_origin, notes)
+        samples = _behavior_samples(store, specs, protocol, notes)
     add_item_fields(samples, {s.name: item_tables[s.name] for s in specs if s.name in item_tables})
     for name, cols in samples.splits.items():
         write_split(build / "samples" / f"{name}.parquet", cols)
@@ -227,7 +228,6 @@ def _build(
         "protocol_notes": _jsonable(notes),
         "targets_dropped": samples.dropped,
         "seed": protocol.seed,
-        "ts_origin": ts_origin,
         "n_users": n_users,
         "fields": [s.to_json() for s in specs],
         "target_fields": sorted(
@@ -311,7 +311,7 @@ def _item_tables(store: SequenceStore, specs: list[FieldSpec]) -> dict[str, np.n
 
 
 def _behavior_samples(
-    store: SequenceStore, specs, protocol: ProtocolConfig, ts_origin: int, notes: dict
+    store: SequenceStore, specs, protocol: ProtocolConfig, notes: dict
 ) -> SampleSet:
     rng = np.random.default_rng(protocol.seed)
     if protocol.name == "dare":
@@ -322,11 +322,10 @@ def _behavior_samples(
         positives, cuts = time_split_positives(np.asarray(store.ts), protocol, rng)
         notes["valid_cut_ts"], notes["test_cut_ts"] = cuts
     user_of_row = store.user_of_rows()
-    keys = store.time_keys(ts_origin)
     n_items = next(s.vocab_size for s in specs if s.name == "item")
     sampler = None
     if protocol.negatives:
         sampler = NegativeSampler(
             user_of_row, np.asarray(store.fields["item"]), n_items, protocol.neg_sampling
         )
-    return from_positives(store, keys, user_of_row, ts_origin, positives, protocol, sampler, rng)
+    return from_positives(store, user_of_row, positives, protocol, sampler, rng)

@@ -130,7 +130,11 @@ class NegativeSampler:
 
     def __init__(self, user_of_row: np.ndarray, item: np.ndarray, n_items: int, mode: str):
         self.n_items = int(n_items)
-        self.seen = np.unique(user_of_row.astype(np.int64) * self.n_items + item.astype(np.int64))
+        # sorted (user, item) keys; duplicates are harmless for the membership test, and an
+        # in-place sort avoids np.unique's copies (and its slow path on 100M keys)
+        self.seen = user_of_row.astype(np.int64) * self.n_items
+        self.seen += item
+        self.seen.sort()
         if mode == "popularity":
             counts = np.bincount(item, minlength=self.n_items).astype(np.float64)
         else:

@@ -29,9 +29,7 @@ class SampleSet:
 
 def from_positives(
     store: SequenceStore,
-    keys: np.ndarray,
     user_of_row: np.ndarray,
-    ts_origin: int,
     positives: Positives,
     cfg: ProtocolConfig,
     sampler: NegativeSampler | None,
@@ -41,7 +39,7 @@ def from_positives(
     rows = positives.rows
     users = user_of_row[rows]
     ts = np.asarray(store.ts[rows])
-    hist_end = history_end(keys, users, ts, ts_origin)
+    hist_end = history_end(store.ts, store.offsets, users, ts)
     hist_len = hist_end - store.offsets[users]
     keep = hist_len >= cfg.min_history
     dropped = {}

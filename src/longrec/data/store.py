@@ -23,9 +23,6 @@ import numpy as np
 
 from longrec.data.schema import FieldSpec
 
-# user index and time share one sortable int64 key: (user << TS_BITS) | (ts - ts_origin)
-TS_BITS = 34
-
 
 @dataclass
 class SequenceStore:
@@ -59,10 +56,6 @@ class SequenceStore:
         """User index of every row (int64 [N]); materialised, so call once."""
         return np.repeat(np.arange(self.n_users, dtype=np.int64), self.lengths())
 
-    def time_keys(self, ts_origin: int) -> np.ndarray:
-        """Sorted int64 keys (user, ts) of all rows, for vectorised 'history before t' searches."""
-        return sort_keys(self.user_of_rows(), np.asarray(self.ts), ts_origin)
-
     def history(self, user: int, end: int | None = None) -> dict[str, np.ndarray]:
         """One user's behaviours (rows before `end` if given): for inspection and serving."""
         lo, hi = int(self.offsets[user]), int(self.offsets[user + 1])
@@ -73,16 +66,23 @@ class SequenceStore:
         return out
 
 
-def sort_keys(user: np.ndarray, ts: np.ndarray, ts_origin: int) -> np.ndarray:
-    rel = ts.astype(np.int64) - ts_origin
-    if rel.size and (rel.min() < 0 or rel.max() >= (1 << TS_BITS)):
-        raise ValueError("timestamps span more than 2^34 seconds from the origin")
-    return (user.astype(np.int64) << TS_BITS) | rel
-
-
-def history_end(keys: np.ndarray, user: np.ndarray, ts: np.ndarray, ts_origin: int) -> np.ndarray:
-    """First store row of `user` at or after `ts`: the exclusive end of a strictly-earlier history."""
-    return np.searchsorted(keys, sort_keys(user, ts, ts_origin), side="left").astype(np.int64)
+def history_end(
+    ts: np.ndarray, offsets: np.ndarray, user: np.ndarray, target_ts: np.ndarray
+) -> np.ndarray:
+    """First store row of each user at or after `target_ts`: the exclusive end of a history
+    strictly earlier than the target. A binary search inside every user's (time-sorted) range,
+    vectorised over targets: ~log2(longest history) passes, no array the size of the store."""
+    lo = offsets[user].astype(np.int64)
+    hi = offsets[np.asarray(user) + 1].astype(np.int64)
+    target_ts = np.asarray(target_ts, dtype=np.int64)
+    active = np.flatnonzero(lo < hi)
+    while len(active):
+        mid = (lo[active] + hi[active]) // 2
+        right = np.asarray(ts[mid]) < target_ts[active]
+        lo[active[right]] = mid[right] + 1
+        hi[active[~right]] = mid[~right]
+        active = active[lo[active] < hi[active]]
+    return lo
 
 
 class StoreWriter:

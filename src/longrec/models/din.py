@@ -17,9 +17,9 @@ from torch import Tensor
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register
-from longrec.models.towers import EmbeddingSet
+from longrec.models.towers import EmbeddingSet, dedup
 from longrec.nn.attention import DinScore, masked_softmax
-from longrec.nn.embedding import init_normal
+from longrec.nn.embedding import init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
 from longrec.nn.search import gather_behaviours, topk_search
 
@@ -35,7 +35,6 @@ class DinParams:
     target_repr: bool = True
     hidden: tuple[int, ...] = (200, 80)
     init_std: float = 0.01
-    dedup: bool = False
 
 
 @register("din", "DIN: MLP target attention over the full (or most recent N) history (KDD'18)")
@@ -46,23 +45,15 @@ class DinModel(SequenceModel):
         super().__init__(schema, params)
         p = params
         fields = list(p.fields) if p.fields else schema.shared_item_fields()
+        self.fields = fields
         self.tables = EmbeddingSet(
-            schema,
-            fields,
-            p.embed_dim,
-            p.pos_dim,
-            max(schema.max_len, 1),
-            p.dedup,
-            sparse_embeddings,
+            schema, fields, p.embed_dim, p.pos_dim, max(schema.max_len, 1), sparse_embeddings
         )
         d = self.tables.sem_dim + self.tables.pos_dim
         self.attention = DinScore(d, p.attn_hidden)
         self.head = MLPHead(3 * d if p.target_repr else 2 * d, p.hidden)
         init_normal(self, p.init_std)
-        for m in self.modules():
-            if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
+        zero_padding_rows(self)
 
     def _mask(self, batch: Batch) -> Tensor:
         mask = batch.history_mask
@@ -73,7 +64,10 @@ class DinModel(SequenceModel):
         return mask
 
     def encode_user(self, batch: Batch) -> UserState:
-        return {"keys": self.tables.history(batch).joined(), "mask": self._mask(batch)}
+        distinct = {
+            f: dedup(batch.history[f], self.tables.tables[f].num_embeddings) for f in self.fields
+        }
+        return {"keys": self.tables.history(batch, distinct).dense(), "mask": self._mask(batch)}
 
     def search_scores(self, batch: Batch) -> Tensor:
         state = self.encode_user(batch)

@@ -35,7 +35,7 @@ def register_variant(name: str, cls: type, description: str, **preset: Any) -> N
 
 def _load_all() -> None:
     # importing the modules registers their models
-    from longrec.models import din, two_stage  # noqa: F401
+    from longrec.models import din, eta, sdim, sim, two_stage  # noqa: F401
 
 
 def build_model(name: str, schema, params: dict[str, Any] | None = None, **context: Any):

@@ -22,11 +22,11 @@ from torch import Tensor
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register, register_variant
-from longrec.models.towers import Embedded, Towers, attention_scores
+from longrec.models.towers import Towers, scores
 from longrec.nn.attention import masked_softmax
-from longrec.nn.embedding import init_normal
+from longrec.nn.embedding import init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
-from longrec.nn.search import gather_behaviours, hard_search, topk_search
+from longrec.nn.search import hard_rank, hard_search, topk_search
 
 
 @dataclass
@@ -46,7 +46,6 @@ class TwoStageParams:
     aux_weight: float = 1.0
     hidden: tuple[int, ...] = (200, 80)
     init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
-    dedup: bool = False  # look each distinct id of a batch up once
 
 
 @register("dare", "DARE: decoupled attention/representation tables, soft top-k search (ICLR'25)")
@@ -71,7 +70,6 @@ class TwoStageModel(SequenceModel):
             coupling=p.coupling,
             projection=p.projection,
             max_positions=max(schema.max_len, 1),
-            dedup=p.dedup,
             sparse=sparse_embeddings,
         )
         d = self.towers.repr_dim()
@@ -79,18 +77,15 @@ class TwoStageModel(SequenceModel):
         self.head = MLPHead(in_dim, p.hidden)
         self.aux_head = MLPHead(in_dim, p.hidden[:1]) if p.aux_loss else None
         init_normal(self, p.init_std)
-        for m in self.modules():
-            if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
+        zero_padding_rows(self)
 
     # -- contract -------------------------------------------------------------------------
     def encode_user(self, batch: Batch) -> UserState:
-        keys = self.towers.embed("attn_hist", batch)
-        values = self.towers.embed("repr_hist", batch).joined()
-        state = {"keys_sem": keys.sem, "values": values, "mask": batch.history_mask}
-        if keys.pos is not None:
-            state["keys_pos"] = keys.pos
+        distinct = self.towers.distinct_ids(batch)
+        cache: dict = {}
+        keys = self.towers.history("attn_hist", batch, distinct, cache)
+        values = self.towers.history("repr_hist", batch, distinct, cache)
+        state = {"keys": keys, "values": values, "mask": batch.history_mask}
         if self.params.search == "hard":
             state["category"] = batch.history["category"]
         return state
@@ -104,48 +99,35 @@ class TwoStageModel(SequenceModel):
 
     def search_scores(self, batch: Batch) -> Tensor:
         state = self.encode_user(batch)
-        scores = self._scores(state, batch)
         if self.params.search == "hard":
-            return self._hard_rank(state, batch).float()
-        return scores
+            return hard_rank(state["category"], batch.target["category"], state["mask"]).float()
+        return scores(state["keys"], self.towers.target("attn_tgt", batch))
 
     # -- pieces ---------------------------------------------------------------------------
-    def _scores(self, state: UserState, batch: Batch) -> Tensor:
-        keys = Embedded(state["keys_sem"], state.get("keys_pos"))
-        query = self.towers.embed("attn_tgt", batch)
-        return attention_scores(keys, query)  # [B, M, L]
-
-    def _hard_rank(self, state, batch) -> Tensor:
-        cat, tgt = state["category"], batch.target["category"]
-        length = cat.shape[-1]
-        match = (cat.unsqueeze(1) == tgt.unsqueeze(-1)) & state["mask"].unsqueeze(1)
-        return match * (2 * length) + torch.arange(length, device=cat.device)
-
     def _run(self, state: UserState, batch: Batch, aux: bool) -> tuple[Tensor, Tensor | None]:
         p = self.params
-        scores = self._scores(state, batch)
+        s = scores(state["keys"], self.towers.target("attn_tgt", batch))  # [B, M, L]
         mask, values = state["mask"], state["values"]
         if p.search == "full":
-            weights = masked_softmax(scores, mask)
-            pooled = torch.matmul(weights, values)
+            pooled = values.pool_all(masked_softmax(s, mask))
         else:
             if p.search == "soft":
-                idx, valid = topk_search(scores, mask, p.top_k)
+                idx, valid = topk_search(s, mask, p.top_k)
             else:
                 idx, valid = hard_search(state["category"], batch.target["category"], mask, p.top_k)
-            picked = torch.gather(scores, 2, idx)
-            weights = masked_softmax(picked, valid)  # [B, M, K]
-            pooled = (weights.unsqueeze(-1) * gather_behaviours(values, idx)).sum(2)
-        target = self.towers.embed("repr_tgt", batch).joined()
+            weights = masked_softmax(torch.gather(s, 2, idx), valid)  # [B, M, K]
+            pooled = values.pool_at(idx, weights)
+        target = self.towers.target("repr_tgt", batch).joined()
         logits = self.head(self._mlp_input(target, pooled), batch.target_mask)
         aux_logits = None
         if aux:
-            full = torch.matmul(masked_softmax(scores, mask), values)
+            full = values.pool_all(masked_softmax(s, mask))
             aux_logits = self.aux_head(self._mlp_input(target, full), batch.target_mask)
         return logits, aux_logits
 
     def _mlp_input(self, target: Tensor, pooled: Tensor) -> Tensor:
         p = self.params
+        pooled = pooled.to(target.dtype)
         if p.only_odot:
             return target * pooled
         if p.target_repr:

@@ -64,3 +64,37 @@ class FieldEmbedding(nn.Module):
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         return [t.weight for t in self.tables.values()]
+
+
+def zero_padding_rows(module: nn.Module) -> None:
+    """Re-zero the padding row of every embedding table after a custom init."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows[index] whose backward accumulates with index_add_ (a linear pass) instead of the
+    sort-based accumulate of index_put_, which dominated the step time of long histories."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.n_rows = rows.shape[0]
+        return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        d = grad.shape[-1]
+        out = grad.new_zeros(ctx.n_rows, d)
+        out.index_add_(0, index.reshape(-1), grad.reshape(-1, d))
+        return out, None
+
+
+def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
+    """rows [U, d] at index (any shape) -> [*index.shape, d], with a fast backward."""
+    if not rows.requires_grad:
+        return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+    return _GatherRows.apply(rows, index)

@@ -31,7 +31,16 @@ class MLPHead(nn.Module):
         statistics, and a pointwise and a request batch of the same samples agree exactly.
         """
         out = x.new_zeros(mask.shape)
+        rows = x.reshape(-1, x.shape[-1]) if mask.all() else x[mask]
+        if self.training and rows.shape[0] == 1 and isinstance(self.net[0], nn.BatchNorm1d):
+            # one real target has no batch statistics: normalise it with the running ones
+            self.net[0].eval()
+            try:
+                logits = self.net(rows).squeeze(-1)
+            finally:
+                self.net[0].train()
+        else:
+            logits = self.net(rows).squeeze(-1)
         if mask.all():
-            return self.net(x.reshape(-1, x.shape[-1])).view(mask.shape).to(out.dtype)
-        rows = self.net(x[mask]).squeeze(-1)
-        return out.masked_scatter(mask, rows.to(out.dtype))
+            return logits.view(mask.shape).to(out.dtype)
+        return out.masked_scatter(mask, logits.to(out.dtype))

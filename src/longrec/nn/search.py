@@ -26,11 +26,14 @@ def hard_search(
 ) -> tuple[Tensor, Tensor]:
     """SIM/TWIN hard search: behaviours of the target's category, most recent first; if fewer
     than k, the most recent other behaviours fill up (DARE's "TWIN (hard)")."""
+    return topk_search(hard_rank(history_cat, target_cat, mask).float(), mask, k)
+
+
+def hard_rank(history_cat: Tensor, target_cat: Tensor, mask: Tensor) -> Tensor:
+    """[B, M, L] integer rank key: same-category behaviours outrank all others, then recency."""
     length = history_cat.shape[-1]
     match = (history_cat.unsqueeze(1) == target_cat.unsqueeze(-1)) & mask.unsqueeze(1)
-    recency = torch.arange(length, device=history_cat.device, dtype=torch.float32)
-    scores = match.float() * (2 * length) + recency  # matches outrank all; then recency
-    return topk_search(scores, mask, k)
+    return match * (2 * length) + torch.arange(length, device=history_cat.device)
 
 
 def gather_behaviours(x: Tensor, idx: Tensor) -> Tensor:

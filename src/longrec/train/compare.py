@@ -1,0 +1,65 @@
+"""Run every (model, seed) on one dataset under one config; resumable.
+
+Each pair trains in RESULTS/runs/<model>-seed<seed>; a pair whose metrics.json exists is not
+rerun, and an interrupted pair resumes from its checkpoint. Results are rewritten after every
+pair, so a partial comparison is always readable.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+from longrec.config import RunConfig
+from longrec.train import run_dir as rd
+from longrec.train.loop import Trainer
+
+
+def pair_dir(out: Path, model: str, seed: int) -> Path:
+    return out / "runs" / f"{model}-seed{seed}"
+
+
+def records_of(model: str, seed: int, metrics: dict) -> list[dict]:
+    speed = metrics["train"]["samples_per_s"]
+    return [
+        {
+            "model": model,
+            "seed": seed,
+            "split": split,
+            "auc": metrics[split].get("auc"),
+            "gauc": metrics[split].get("gauc"),
+            "logloss": metrics[split].get("logloss"),
+            "train_samples_per_s": speed,
+        }
+        for split in ("valid", "test")
+        if metrics.get(split)
+    ]
+
+
+def run_compare(
+    base: RunConfig, models: list[str], seeds: list[int], out: Path, log=print
+) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    for model in models:
+        for seed in seeds:
+            run = pair_dir(out, model, seed)
+            if (run / rd.METRICS).exists():
+                metrics = json.loads((run / rd.METRICS).read_text())
+                log(f"{model} seed {seed}: done before, reusing {run}")
+            else:
+                cfg = copy.deepcopy(base)
+                cfg.model.name, cfg.train.seed = model, seed
+                log(f"{model} seed {seed}: training in {run}")
+                metrics = Trainer(cfg, run).fit(resume=(run / rd.STATE).exists())
+            records.extend(records_of(model, seed, metrics))
+            _write_json(out / "results.json", records)
+    return records
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

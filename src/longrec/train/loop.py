@@ -1,0 +1,266 @@
+"""The training loop: evaluation on valid every N steps, best-checkpoint selection, early
+stopping, exact resume, and one test evaluation at the best checkpoint.
+
+Exact resume: a checkpoint (last.safetensors + state.pt) is written at every evaluation and
+holds the optimiser state, the step, the position in the epoch and the RNG state; batches are a
+pure function of (seed, epoch, index) (see data/loader.py). A run interrupted at any point and
+restarted with `resume=True` redoes the steps since its last checkpoint and ends with the same
+metrics as an uninterrupted run (seeded, on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from longrec.config import RunConfig
+from longrec.data.batch import Batch
+from longrec.data.dataset import PreparedDataset
+from longrec.data.loader import BatchLoader, LoaderConfig
+from longrec.errors import UserError
+from longrec.models import build_model
+from longrec.models.base import DataSchema
+from longrec.train import run_dir as rd
+from longrec.train.evaluate import evaluate_split
+from longrec.train.optim import (
+    build_optimizers,
+    l2_penalty,
+    lr_factor,
+    set_lr,
+    wants_sparse_embeddings,
+)
+
+
+def masked_bce(logits: Tensor, labels: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
+    """BCE over real targets: "mean" over all targets, or "per_user" (mean within each request,
+    then across requests: STCA's estimator, SPEC §7.3)."""
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none") * mask
+    if reduction == "mean":
+        return loss.sum() / mask.sum().clamp_min(1)
+    if reduction == "per_user":
+        per_row = loss.sum(1) / mask.sum(1).clamp_min(1)
+        rows = (mask.sum(1) > 0).float()
+        return (per_row * rows).sum() / rows.sum().clamp_min(1)
+    raise UserError(f"train.loss_reduction must be mean or per_user, got '{reduction}'")
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run: str | Path,
+        callbacks: list[Callable[[int], None]] | None = None,
+    ):
+        self.cfg, self.run = cfg, Path(run)
+        self.callbacks = callbacks or []
+        tc = cfg.train
+        torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+        torch.manual_seed(tc.seed)
+        self.dataset = PreparedDataset(cfg.data.path)
+        self.schema = DataSchema.from_dataset(self.dataset, cfg.data.max_len)
+        self.model = build_model(
+            cfg.model.name,
+            self.schema,
+            cfg.model.params,
+            sparse_embeddings=wants_sparse_embeddings(tc),
+        )
+        self.optimizers = build_optimizers(self.model, tc)
+        self.loader = BatchLoader(
+            self.dataset,
+            "train",
+            LoaderConfig(
+                batch_size=tc.batch_size,
+                max_len=cfg.data.max_len,
+                layout=cfg.data.layout,
+                shuffle=True,
+                seed=tc.seed,
+                prefetch=cfg.data.prefetch,
+            ),
+        )
+        per_epoch = len(self.loader)
+        if per_epoch == 0:
+            raise UserError(f"{cfg.data.path}: the train split is empty")
+        self.total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * per_epoch
+        self.epochs = tc.epochs if tc.max_steps is None else math.ceil(tc.max_steps / per_epoch)
+
+    # -- state ----------------------------------------------------------------------------
+    def _fresh_state(self) -> dict:
+        return {
+            "step": 0,
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "best_metric": -math.inf,
+            "best_step": -1,
+            "evals_without_gain": 0,
+            "train_samples": 0,
+            "train_seconds": 0.0,
+            "stopped_early": False,
+        }
+
+    def _checkpoint(self, state: dict) -> None:
+        rd.save_weights(self.model, self.run / rd.LAST)
+        full = dict(state)
+        full["optimizers"] = [o.state_dict() for o in self.optimizers]
+        full["torch_rng"] = torch.get_rng_state()
+        rd.save_state(self.run, full)
+
+    def _restore(self) -> dict:
+        saved = rd.load_state(self.run)
+        rd.load_weights(self.model, self.run / rd.LAST)
+        for opt, sd in zip(self.optimizers, saved.pop("optimizers"), strict=True):
+            opt.load_state_dict(sd)
+        torch.set_rng_state(saved.pop("torch_rng"))
+        return saved
+
+    # -- loop -----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        self.run.mkdir(parents=True, exist_ok=True)
+        rd.write_config(self.run, self.cfg, self.schema)
+        state = (
+            self._restore() if resume and (self.run / rd.STATE).exists() else self._fresh_state()
+        )
+        if not resume:
+            (self.run / rd.LOG).unlink(missing_ok=True)
+        tc = self.cfg.train
+        bar = _progress(tc.progress, self.total_steps, state["step"])
+        done = state["step"] >= self.total_steps or state["stopped_early"]
+        while not done and state["epoch"] < self.epochs:
+            start = state["batch_in_epoch"]
+            for i, batch in enumerate(self.loader.iter_epoch(state["epoch"], start), start=start):
+                t0 = time.perf_counter()
+                loss = self._step(batch, state["step"])
+                state["train_seconds"] += time.perf_counter() - t0
+                state["train_samples"] += int(batch.target_mask.sum())
+                state["step"] += 1
+                state["batch_in_epoch"] = i + 1
+                step = state["step"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}",
+                        sps=f"{state['train_samples'] / max(state['train_seconds'], 1e-9):,.0f}",
+                    )
+                if step % tc.log_every == 0:
+                    rd.append_log(
+                        self.run,
+                        {
+                            "step": step,
+                            "epoch": state["epoch"],
+                            "loss": loss,
+                            "samples_per_s": state["train_samples"]
+                            / max(state["train_seconds"], 1e-9),
+                        },
+                    )
+                last = step >= self.total_steps
+                if step % tc.eval_every == 0 or last:
+                    self._validate(state)
+                    if last:
+                        state["batch_in_epoch"] = i + 1
+                for cb in self.callbacks:
+                    cb(step)
+                if last or state["stopped_early"]:
+                    done = True
+                    break
+            if not done:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+        if bar is not None:
+            bar.close()
+        if state["best_step"] < 0 or not (self.run / rd.LAST).exists():
+            self._validate(state)
+        return self._finish(state)
+
+    def _step(self, batch: Batch, step: int) -> float:
+        tc = self.cfg.train
+        set_lr(self.optimizers, lr_factor(tc, step, self.total_steps))
+        self.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+            logits, aux = self.model.forward_train(batch)
+        loss = masked_bce(logits, batch.label, batch.target_mask, tc.loss_reduction)
+        for aux_logits, weight in aux:
+            loss = loss + weight * masked_bce(
+                aux_logits, batch.label, batch.target_mask, tc.loss_reduction
+            )
+        penalty = l2_penalty(self.model, tc.l2)
+        total = loss + penalty if penalty is not None else loss
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse],
+                tc.grad_clip,
+            )
+        for opt in self.optimizers:
+            opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise UserError(f"training diverged at step {step} (loss {value}); lower train.lr")
+        return value
+
+    def _validate(self, state: dict) -> None:
+        tc = self.cfg.train
+        metrics = evaluate_split(self.model, self.dataset, "valid", self.cfg)
+        value = metrics.get(tc.select_by, math.nan) if metrics else math.nan
+        rd.append_log(self.run, {"step": state["step"], "split": "valid", **(metrics or {})})
+        improved = not math.isnan(value) and value > state["best_metric"]
+        if improved or state["best_step"] < 0:
+            state["best_metric"] = value if not math.isnan(value) else state["best_metric"]
+            state["best_step"] = state["step"]
+            state["evals_without_gain"] = 0
+            rd.save_weights(self.model, self.run / rd.BEST)
+        else:
+            state["evals_without_gain"] += 1
+            if (
+                tc.early_stop_patience is not None
+                and state["evals_without_gain"] >= tc.early_stop_patience
+            ):
+                state["stopped_early"] = True
+        self._checkpoint(state)
+
+    def _finish(self, state: dict) -> dict:
+        rd.load_weights(self.model, self.run / rd.BEST)
+        shutil.copyfile(self.run / rd.BEST, self.run / rd.WEIGHTS)
+        result = {
+            split: evaluate_split(self.model, self.dataset, split, self.cfg)
+            for split in ("valid", "test")
+        }
+        result["train"] = {
+            "steps": state["step"],
+            "best_step": state["best_step"],
+            "stopped_early": state["stopped_early"],
+            "samples": state["train_samples"],
+            "train_seconds": round(state["train_seconds"], 3),
+            "samples_per_s": state["train_samples"] / max(state["train_seconds"], 1e-9),
+            "select_by": self.cfg.train.select_by,
+            "model": self.cfg.model.name,
+            "parameters": int(sum(p.numel() for p in self.model.parameters())),
+        }
+        rd.write_metrics(self.run, result)
+        return result
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        disable=None,
+    )

@@ -1,0 +1,89 @@
+"""Optimisers: one for dense parameters, one for embedding tables; schedules; DARE's L2.
+
+Sparse embedding optimisers (sparse_adam, adagrad, sgd) update only the rows a batch touched,
+which is what makes 4M-item tables affordable; "adam" is dense, as in DARE's code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from longrec.config import TrainConfig
+from longrec.errors import UserError
+
+SPARSE_EMBED_OPTIMIZERS = ("sparse_adam", "adagrad", "sgd")
+
+
+def wants_sparse_embeddings(cfg: TrainConfig) -> bool:
+    return cfg.embed_optimizer in SPARSE_EMBED_OPTIMIZERS
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    embed_ids = {id(p) for p in model.embedding_parameters()}
+    embed = [p for p in model.parameters() if id(p) in embed_ids and p.requires_grad]
+    dense = [p for p in model.parameters() if id(p) not in embed_ids and p.requires_grad]
+    return dense, embed
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    dense, embed = split_parameters(model)
+    opts: list[torch.optim.Optimizer] = []
+    if dense:
+        if cfg.optimizer == "adam":
+            opts.append(torch.optim.Adam(dense, lr=cfg.lr))
+        elif cfg.optimizer == "adamw":
+            opts.append(torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        elif cfg.optimizer == "sgd":
+            opts.append(torch.optim.SGD(dense, lr=cfg.lr, momentum=0.9))
+        else:
+            raise UserError(f"train.optimizer must be adam, adamw or sgd, got '{cfg.optimizer}'")
+    if embed:
+        lr = cfg.embed_lr if cfg.embed_lr is not None else cfg.lr
+        kinds = {
+            "adam": lambda: torch.optim.Adam(embed, lr=lr),
+            "sparse_adam": lambda: torch.optim.SparseAdam(embed, lr=lr),
+            "adagrad": lambda: torch.optim.Adagrad(embed, lr=lr),
+            "sgd": lambda: torch.optim.SGD(embed, lr=lr),
+        }
+        if cfg.embed_optimizer not in kinds:
+            raise UserError(
+                f"train.embed_optimizer must be one of {', '.join(kinds)}, got '{cfg.embed_optimizer}'"
+            )
+        opts.append(kinds[cfg.embed_optimizer]())
+    return opts
+
+
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return 1.0 - progress
+    raise UserError(f"train.schedule must be constant, cosine or linear, got '{cfg.schedule}'")
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * factor
+
+
+def l2_penalty(model: nn.Module, weight: float) -> torch.Tensor | None:
+    """DARE: weight * sum ||W||^2 over non-bias, non-embedding weight matrices."""
+    if weight <= 0:
+        return None
+    embed_ids = {id(p) for p in model.embedding_parameters()}
+    mats = [
+        p for p in model.parameters() if p.dim() > 1 and id(p) not in embed_ids and p.requires_grad
+    ]
+    if not mats:
+        return None
+    return weight * sum((p.float() ** 2).sum() for p in mats)
