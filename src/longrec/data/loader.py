@@ -128,14 +128,7 @@ class BatchLoader:
         lo = torch.maximum(self._offsets[user], end - cfg.max_len)
         longest = int((end - lo).max()) if len(end) else 0
         length = min(cfg.max_len, _round_up(max(longest, 1), cfg.pad_multiple))
-        idx = end[:, None] - length + torch.arange(length)[None, :]
-        mask = idx >= lo[:, None]
-        idx = torch.where(mask, idx, torch.zeros((), dtype=idx.dtype))
-        history = {}
-        for name, arr in self._store.items():
-            vals = arr[idx]
-            history[name] = vals * (mask if vals.dim() == 2 else mask[..., None])
-        history_ts = self._ts[idx] * mask
+        history, history_ts, mask = self._gather_history(lo, end, length)
         target = {k: v[tgt] for k, v in cols.items() if k not in _SAMPLE_COLUMNS}
         label = torch.where(target_mask, cols["label"][tgt].float(), torch.zeros(()))
         sample_index = torch.where(target_mask, tgt, torch.full((), -1, dtype=tgt.dtype))
@@ -151,6 +144,31 @@ class BatchLoader:
             sample_index=sample_index,
             history_end=end,
         )
+
+    def _gather_history(self, lo: torch.Tensor, end: torch.Tensor, length: int):
+        """Left-padded [B, L] history fields. Dense batches gather a [B, L] index matrix;
+        mostly-padding batches (long max_len, short histories) gather only the real behaviours
+        and scatter them into zero-filled outputs, so work follows the real length."""
+        n = end - lo
+        b = len(n)
+        mask = torch.arange(length)[None, :] >= (length - n)[:, None]
+        total = int(n.sum())
+        history = {}
+        if total >= 0.6 * b * length:
+            idx = end[:, None] - length + torch.arange(length)[None, :]
+            idx = torch.where(mask, idx, torch.zeros((), dtype=idx.dtype))
+            for name, arr in self._store.items():
+                vals = arr[idx]
+                history[name] = vals * (mask if vals.dim() == 2 else mask[..., None])
+            return history, self._ts[idx] * mask, mask
+        row_start = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n, output_size=total)
+        src = torch.arange(total) + row_start
+        for name, arr in self._store.items():
+            vals = arr[src]
+            shaped = mask if vals.dim() == 1 else mask[..., None].expand(b, length, *vals.shape[1:])
+            history[name] = vals.new_zeros(shaped.shape).masked_scatter_(shaped, vals)
+        ts = self._ts[src]
+        return history, ts.new_zeros(mask.shape).masked_scatter_(mask, ts), mask
 
     def iter_epoch(self, epoch: int | None = None, start_batch: int = 0) -> Iterator[Batch]:
         epoch = self.epoch if epoch is None else epoch

@@ -106,6 +106,24 @@ class SequenceModel(nn.Module, ABC):
         (for retrieval NDCG); None for models without a search stage."""
         return None
 
+    def history_fields(self) -> tuple[str, ...] | None:
+        """History fields the model reads (None = all): the loader gathers only these, which
+        is most of its cost on long histories. Models that embed `self.fields` and match on a
+        search field declare them here."""
+        names = list(getattr(self, "fields", None) or [])
+        if not names:
+            return None
+        for extra in ("category", getattr(self.params, "search_field", None)):
+            if extra and extra in self.schema.fields and extra not in names and self._reads(extra):
+                names.append(extra)
+        return tuple(names)
+
+    def _reads(self, name: str) -> bool:
+        """Whether the search stage reads `name` beyond the embedded fields (hard search)."""
+        return getattr(self.params, "search", None) == "hard" or name == getattr(
+            self.params, "search_field", None
+        )
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Embedding tables (separate optimiser, no L2 penalty)."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]

@@ -52,6 +52,7 @@ class HistoryField:
     rows: Tensor  # [U, d]
     inverse: Tensor
     value_mask: Tensor | None = None  # [B, L, W] for multi-valued fields
+    gathered: Tensor | None = None  # [B, L, d] when already gathered (see Towers.fused_history)
 
     def _pool_values(self, x: Tensor, vmask: Tensor | None) -> Tensor:
         if vmask is None:
@@ -60,8 +61,10 @@ class HistoryField:
         return (x * w).sum(-2) / w.sum(-2).clamp_min(1.0)
 
     def dense(self) -> Tensor:
-        """[B, L, d]."""
-        return self._pool_values(gather_rows(self.rows, self.inverse), self.value_mask)
+        """[B, L, d] (gathered once and kept)."""
+        if self.gathered is None:
+            self.gathered = self._pool_values(gather_rows(self.rows, self.inverse), self.value_mask)
+        return self.gathered
 
     def at(self, idx: Tensor) -> Tensor:
         """Rows of the behaviours at idx [B, M, K] -> [B, M, K, d]."""
@@ -287,6 +290,26 @@ class Towers(nn.Module):
             cache[key] = self.sets[key].history(batch, distinct)
         out = cache[key]
         return self.projections[role].history(out) if self.projections is not None else out
+
+    def keys_and_values(self, batch: Batch, distinct) -> tuple[HistoryEmbedding, HistoryEmbedding]:
+        """Attention (keys) and representation (values) embeddings of the history.
+
+        With separate tables (DARE, TWIN-4E), each single-valued field's two row blocks are
+        gathered together as one [B, L, d_A + d_R] tensor, so the backward pass accumulates
+        both tables' gradients in one index_add instead of two (the dominant cost at L = 200).
+        """
+        cache: dict = {}
+        keys = self.history("attn_hist", batch, distinct, cache)
+        values = self.history("repr_hist", batch, distinct, cache)
+        if keys is values or self.projections is not None:
+            return keys, values
+        for k, v in zip(keys.fields, values.fields, strict=True):
+            if k.value_mask is not None:
+                continue
+            both = gather_rows(torch.cat((k.rows, v.rows), dim=1), k.inverse)
+            # split (not two slices): its backward concatenates both gradients in one pass
+            k.gathered, v.gathered = torch.split(both, [k.rows.shape[1], v.rows.shape[1]], dim=-1)
+        return keys, values
 
     def target(self, role: str, batch: Batch) -> TargetEmbedding:
         out = self.sets[self.role_set[role]].target(batch)

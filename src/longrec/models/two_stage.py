@@ -81,10 +81,7 @@ class TwoStageModel(SequenceModel):
 
     # -- contract -------------------------------------------------------------------------
     def encode_user(self, batch: Batch) -> UserState:
-        distinct = self.towers.distinct_ids(batch)
-        cache: dict = {}
-        keys = self.towers.history("attn_hist", batch, distinct, cache)
-        values = self.towers.history("repr_hist", batch, distinct, cache)
+        keys, values = self.towers.keys_and_values(batch, self.towers.distinct_ids(batch))
         state = {"keys": keys, "values": values, "mask": batch.history_mask}
         if self.params.search == "hard":
             state["category"] = batch.history["category"]

@@ -32,6 +32,7 @@ def predict_split(
             layout="request",
             shuffle=False,
             prefetch=cfg.data.prefetch,
+            history_fields=model.history_fields(),
         ),
     )
     model.eval()

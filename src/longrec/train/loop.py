@@ -84,6 +84,7 @@ class Trainer:
                 shuffle=True,
                 seed=tc.seed,
                 prefetch=cfg.data.prefetch,
+                history_fields=self.model.history_fields(),
             ),
         )
         per_epoch = len(self.loader)
