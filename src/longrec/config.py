@@ -48,6 +48,7 @@ class TrainConfig:
     select_by: str = "auc"  # "auc" | "gauc": best checkpoint by this validation metric
     early_stop_patience: int | None = None  # evaluations without improvement before stopping
     seed: int = 1
+    deterministic: bool = True  # deterministic kernels: a seeded CPU run is exactly repeatable
     threads: int | None = None  # torch intra-op threads (default: all cores)
     log_every: int = 50
     progress: bool = True

@@ -64,6 +64,9 @@ class Trainer:
         self.callbacks = callbacks or []
         tc = cfg.train
         torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+        # multi-threaded scatter/index_add accumulate in a varying order: without this, two
+        # seeded runs (or a resumed and an uninterrupted one) drift apart; it costs ~nothing here
+        torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
         torch.manual_seed(tc.seed)
         self.dataset = PreparedDataset(cfg.data.path)
         self.schema = DataSchema.from_dataset(self.dataset, cfg.data.max_len)
