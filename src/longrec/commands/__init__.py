@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("prepare", "synth", "demo", "train", "compare", "bench")
+COMMAND_MODULES = ("prepare", "synth", "demo", "train", "compare", "ablate", "bench")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -35,7 +35,15 @@ def register_variant(name: str, cls: type, description: str, **preset: Any) -> N
 
 def _load_all() -> None:
     # importing the modules registers their models
-    from longrec.models import din, eta, sdim, sim, two_stage  # noqa: F401
+    from longrec.models import (  # noqa: F401
+        din,
+        eta,
+        sdim,
+        sim,
+        td_sasrec,
+        tin,
+        two_stage,
+    )
 
 
 def build_model(name: str, schema, params: dict[str, Any] | None = None, **context: Any):

@@ -28,24 +28,28 @@ def _ms(values, digits=4) -> str:
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
-def compare_table(records: list[dict], title: str = "") -> str:
+def compare_table(records: list[dict], title: str = "", ranked: bool = True) -> str:
     summary = summarise(records)
     lines = [f"## {title}", ""] if title else []
     lines += [
         "| model | seeds | valid AUC | test AUC | test GAUC | test logloss | train samples/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    ranked = sorted(
-        summary.items(),
-        key=lambda kv: -np.nanmean(np.asarray(kv[1].get("test_auc", [np.nan]), dtype=float)),
-    )
-    for model, s in ranked:
+    rows = list(summary.items())
+    if ranked:
+        rows.sort(
+            key=lambda kv: -np.nanmean(np.asarray(kv[1].get("test_auc", [np.nan]), dtype=float))
+        )
+    for model, s in rows:
         speed = np.mean(s["speed"]) if s.get("speed") else float("nan")
         lines.append(
             f"| {model} | {len(s['seeds'])} | {_ms(s.get('valid_auc', []))} | {_ms(s.get('test_auc', []))} | "
             f"{_ms(s.get('test_gauc', []))} | {_ms(s.get('test_logloss', []))} | {speed:,.0f} |"
         )
-    lines += ["", "mean ± sample std over seeds; ranked by mean test AUC."]
+    lines += [
+        "",
+        "mean ± sample std over seeds" + ("; ranked by mean test AUC." if ranked else "."),
+    ]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from longrec.config import RunConfig
@@ -38,23 +39,36 @@ def records_of(model: str, seed: int, metrics: dict) -> list[dict]:
     ]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row of a comparison: a label, a registered model and parameters on top of the base."""
+
+    label: str
+    model: str
+    params: dict = field(default_factory=dict)
+
+
 def run_compare(
-    base: RunConfig, models: list[str], seeds: list[int], out: Path, log=print
+    base: RunConfig, models: list[str | Variant], seeds: list[int], out: Path, log=print
 ) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
-    for model in models:
+    variants = [m if isinstance(m, Variant) else Variant(m, m) for m in models]
+    for v in variants:
         for seed in seeds:
-            run = pair_dir(out, model, seed)
+            run = pair_dir(
+                out, "".join(c if c.isalnum() or c in "-_" else "_" for c in v.label), seed
+            )
             if (run / rd.METRICS).exists():
                 metrics = json.loads((run / rd.METRICS).read_text())
-                log(f"{model} seed {seed}: done before, reusing {run}")
+                log(f"{v.label} seed {seed}: done before, reusing {run}")
             else:
                 cfg = copy.deepcopy(base)
-                cfg.model.name, cfg.train.seed = model, seed
-                log(f"{model} seed {seed}: training in {run}")
+                cfg.model.name, cfg.train.seed = v.model, seed
+                cfg.model.params = {**cfg.model.params, **v.params}
+                log(f"{v.label} seed {seed}: training in {run}")
                 metrics = Trainer(cfg, run).fit(resume=(run / rd.STATE).exists())
-            records.extend(records_of(model, seed, metrics))
+            records.extend(records_of(v.label, seed, metrics))
             _write_json(out / "results.json", records)
     return records
 
