@@ -40,7 +40,18 @@ reconstruction ([INFER]); every choice is a parameter:
   learned type embedding to the MLP input (a type-aware head, e.g. for `decouple="none"`).
 * Padding never leaks: real positions attend only to real, earlier-or-same positions (causal +
   key-padding mask); every position may attend to itself, so padded positions (and empty
-  histories) have a finite output without reading anything else.
+  histories) have a finite output without reading anything else. Padded slots carry their
+  position vector only (their ids are ignored), so an empty history's user vector is a learned
+  per-type "no history" vector.
+* [INFER] Init: tables and head N(0, init_std) as DARE; the SASRec blocks too by default
+  (`encoder_init`), which starts the encoder near the identity and was the only setting stable
+  over seeds in the tests; the query layer keeps PyTorch's init. Like most transformers it wants
+  a smaller learning rate than DARE's 0.01 (the tests use 0.003; at 0.01 `query` often stalls).
+
+Cost: `"position"` runs the encoder T times (T = real types + the generic row), so training and
+`encode_user` cost ~T x plain SASRec; `"query"` costs one encoding plus T query tokens, but its
+last layer runs over all positions (the other modes run their last layer for the last position
+only).
 """
 
 from __future__ import annotations
@@ -83,7 +94,11 @@ class TdSasrecParams:
     type_in_head: bool = False  # mlp head also sees a learned target-type embedding
     hidden: tuple[int, ...] = (200, 80)  # MLP head widths
     init_std: float = 0.01  # N(0, std) for tables and the head, as in DARE
-    encoder_init: str = "default"  # default (PyTorch's Linear init) | normal (N(0, init_std))
+    # SASRec blocks: normal = N(0, init_std) like the tables (sub-layers start near zero, so the
+    # encoder starts near the identity: stable over seeds) | default = PyTorch's Linear init.
+    # The query layer always keeps PyTorch's init (a near-zero query/key start leaves its
+    # attention uniform and stuck).
+    encoder_init: str = "normal"
     dedup: bool = False  # look each distinct id of a batch up once
 
 
@@ -136,25 +151,29 @@ class SasrecBlock(nn.Module):
         self.ln_attn, self.ln_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def _attend(self, x: Tensor, allowed: Tensor, last_only: bool) -> Tensor:
+    def _attend(self, x: Tensor, bias: Tensor, last_only: bool) -> Tensor:
         n, length, d = x.shape
-        h = self.heads
+        h, users = self.heads, bias.shape[0]  # n = users x groups (groups = types, innermost)
         q, k, v = self.qkv(x).view(n, length, 3, h, d // h).permute(2, 0, 3, 1, 4)
         if last_only:
             q = q[:, :, -1:]
+        # [users, groups * heads, L, dh]: one mask per user serves all its groups and heads
+        q, k, v = (t.reshape(users, -1, t.shape[2], d // h) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )  # [N, h, Lq, dh]
-        return self.out(out.transpose(1, 2).reshape(n, q.shape[2], d))
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
+        )  # [users, groups * heads, Lq, dh]
+        lq = out.shape[2]
+        return self.out(out.reshape(n, h, lq, d // h).transpose(1, 2).reshape(n, lq, d))
 
-    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False) -> Tensor:
-        """x [N, L, d], allowed [N, 1, Lq, L] (True = may attend) -> [N, Lq, d]; Lq = 1 (the
-        last position only) when `last_only`."""
+    def forward(self, x: Tensor, bias: Tensor, last_only: bool = False) -> Tensor:
+        """x [N, L, d] (N = users x groups), bias [users, 1, Lq, L] additive mask (0 = may
+        attend, -inf = may not) -> [N, Lq, d]; Lq = 1 (the last position only) when
+        `last_only`."""
         res = x[:, -1:] if last_only else x
         if self.pre:
-            h = res + self.drop(self._attend(self.ln_attn(x), allowed, last_only))
+            h = res + self.drop(self._attend(self.ln_attn(x), bias, last_only))
             return h + self.drop(self.ffn(self.ln_ffn(h)))
-        h = self.ln_attn(res + self.drop(self._attend(x, allowed, last_only)))
+        h = self.ln_attn(res + self.drop(self._attend(x, bias, last_only)))
         return self.ln_ffn(h + self.drop(self.ffn(h)))
 
 
@@ -201,6 +220,8 @@ class TdSasrecModel(SequenceModel):
         ):
             if value not in allowed:
                 raise ValueError(f"{what} must be one of {allowed}, got '{value}'")
+        if p.type_in_head and p.head != "mlp":
+            raise ValueError("type_in_head needs head='mlp' (the dot head has no feature input)")
         self.fields = list(p.fields) if p.fields else schema.shared_item_fields()
         if not self.fields:
             raise ValueError("td_sasrec needs at least one item-side field in history and target")
@@ -225,7 +246,7 @@ class TdSasrecModel(SequenceModel):
         if p.decouple == "query":
             self.queries = TypeTable(self.n_enc, 1, d, p.type_tables, sparse_embeddings)
         self.type_embed = None
-        if p.type_in_head and p.head == "mlp" and self.n_types > 1:
+        if p.type_in_head and self.n_types > 1:  # no types in the data: nothing to embed
             self.type_embed = nn.Embedding(self.n_types, d, sparse=sparse_embeddings)
         ffn = p.ffn_dim or d
         self.blocks = nn.ModuleList(
@@ -246,10 +267,8 @@ class TdSasrecModel(SequenceModel):
         for part in (self.embed, self.pos, self.queries, self.type_embed, self.head):
             if part is not None:
                 init_normal(part, p.init_std)
-        if p.encoder_init == "normal":  # otherwise PyTorch's Linear init for the encoder
+        if p.encoder_init == "normal":
             init_normal(self.blocks, p.init_std)
-            if self.query_block is not None:
-                init_normal(self.query_block, p.init_std)
         zero_padding_rows(self)
 
     # -- contract -------------------------------------------------------------------------
@@ -287,18 +306,24 @@ class TdSasrecModel(SequenceModel):
         """The most recent max_len behaviours: (tokens [B, L, d], mask [B, L], positions [L])."""
         keep = min(batch.history_len, self.max_len)
         history = {f: batch.history[f][:, -keep:] for f in self.fields}
-        x = self.embed(history, self.fields)
         mask = batch.history_mask[:, -keep:]
+        # padded slots carry their position only, whatever ids they hold (an empty history's
+        # user vector is then a learned per-type "no history" vector)
+        x = self.embed(history, self.fields) * mask.unsqueeze(-1)
         positions = relative_positions(keep, x.device, self.max_len)
         return x, mask, positions
 
     @staticmethod
-    def _allowed(mask: Tensor) -> Tensor:
-        """[B, 1, L, L]: query i may attend key j iff j <= i and (j is real or j == i)."""
+    def _attention_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B, 1, L, L] additive mask: query i may attend key j iff j <= i and (j is real or
+        j == i), so every row has at least its own position (no NaN) and real positions never
+        read padding or later behaviours."""
         length = mask.shape[1]
         eye = torch.eye(length, dtype=torch.bool, device=mask.device)
         causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-        return (causal & (mask.unsqueeze(1) | eye)).unsqueeze(1)
+        allowed = (causal & (mask.unsqueeze(1) | eye)).unsqueeze(1)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+        return bias.masked_fill_(~allowed, float("-inf"))
 
     def hidden_states(self, batch: Batch, last_only: bool = True) -> Tensor:
         """Encoder output [B, T', L', d] (T' = position-decoupled types, else 1; L' = 1 with
@@ -308,12 +333,10 @@ class TdSasrecModel(SequenceModel):
         pos = self.pos.all_types(positions).to(x.dtype)  # [T', L, d]
         t = pos.shape[0]
         h = self.input_drop(x.unsqueeze(1) + pos.unsqueeze(0)).reshape(b * t, length, d)
-        allowed = self._allowed(mask)
-        if t > 1:
-            allowed = allowed.repeat_interleave(t, dim=0)
+        bias = self._attention_bias(mask, h.dtype)
         for i, block in enumerate(self.blocks):
             last = last_only and i == len(self.blocks) - 1
-            h = block(h, allowed[..., -1:, :] if last else allowed, last_only=last)
+            h = block(h, bias[..., -1:, :] if last else bias, last_only=last)
         if last_only and not self.blocks:
             h = h[:, -1:]
         if self.final_ln is not None:
