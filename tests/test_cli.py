@@ -7,8 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 
 def test_top_level_help(run_cli):
     result = run_cli("--help")
@@ -35,10 +33,6 @@ def test_no_arguments_shows_usage(run_cli):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(
-    shutil.which("longrec", path=os.path.dirname(sys.executable)) is None,
-    reason="console script not installed next to this interpreter",
-)
 def test_console_script():
     script = shutil.which("longrec", path=os.path.dirname(sys.executable))
     result = subprocess.run(
