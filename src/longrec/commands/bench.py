@@ -99,10 +99,11 @@ def bench_search_command(
     ] = None,
     out: Annotated[Path, typer.Option(help="results directory")] = RESULTS,
 ) -> None:
+    from longrec.bench.hier_search import bench_hier_search
     from longrec.bench.search import bench_search_dims, bench_search_quality
 
     dim_list = tuple(int(x) for x in dims.split(","))
-    result: dict = {"cost": bench_search_dims(dim_list)}
+    result: dict = {"cost": bench_search_dims(dim_list), "hierarchical": bench_hier_search()}
     if data is not None:
         result["quality"] = bench_search_quality(data, dim_list, overrides=set or [])
     _emit("search", result, out)
