@@ -26,6 +26,13 @@ class DataConfig:
     layout: str = "pointwise"  # "pointwise" | "request" (all targets of a request share a row)
     eval_batch_size: int = 4096
     prefetch: int = 2
+    # length-extrapolative training (SPEC §7.4): per-request training lengths ~ Beta on
+    # [train_min_len, max_len] with mean train_mean_len; evaluation always uses max_len
+    train_lengths: str = "fixed"  # fixed | beta
+    train_min_len: int = 8
+    train_mean_len: int | None = None
+    train_length_alpha: float = 0.5
+    bucket: bool = False  # batches of similar history length (less padding)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from longrec.config import resolve
@@ -67,3 +68,79 @@ def bench_train(
         "mean_history": round(hist / max(samples, 1), 1),
         "parameters": int(sum(p.numel() for p in trainer.model.parameters())),
     }
+
+
+def _history_bytes(batch) -> int:
+    tensors = [*batch.history.values(), batch.history_ts, batch.history_mask]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_layouts(
+    data: Path,
+    model: str,
+    max_len: int,
+    requests_per_batch: int,
+    steps: int,
+    overrides: list[str] | None = None,
+    warmup: int = 2,
+    run_dir: Path | None = None,
+) -> dict:
+    """Request-level batching (SPEC §7.3) against the pointwise layout on the SAME samples:
+    history bytes gathered per sample and training samples/s of each layout."""
+    from longrec.data.loader import BatchLoader, LoaderConfig
+
+    sets = [
+        f"data.max_len={max_len}",
+        f"train.batch_size={requests_per_batch}",
+        "data.layout=request",
+        "train.progress=false",
+        *(overrides or []),
+    ]
+    cfg = resolve(None, sets, data__path=str(data), model__name=model)
+    trainer = Trainer(cfg, run_dir or Path("/tmp/longrec-bench-layouts"))
+    fields = trainer.model.history_fields()
+    req_loader = trainer.loader
+    point = BatchLoader(
+        trainer.dataset,
+        "train",
+        LoaderConfig(batch_size=1, max_len=max_len, layout="pointwise", history_fields=fields),
+    )
+    plan = req_loader.batch_requests(0)[: warmup + steps]
+    req_batches = [req_loader.make_batch(r) for r in plan]
+    point_batches = []
+    for r in plan:
+        start, count = req_loader.requests.start[r], req_loader.requests.count[r]
+        rows = np.concatenate([np.arange(s, s + c) for s, c in zip(start, count, strict=True)])
+        point_batches.append(point.make_batch(rows))
+    out = {
+        "model": model,
+        "max_len": max_len,
+        "requests_per_batch": requests_per_batch,
+        "steps": steps,
+    }
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for name, batches in (("pointwise", point_batches), ("request", req_batches)):
+        trainer.model.load_state_dict(state)
+        for b in batches[:warmup]:
+            trainer._step(b, 0)
+        samples = sum(int(b.target_mask.sum()) for b in batches[warmup:])
+        t0 = time.perf_counter()
+        for b in batches[warmup:]:
+            trainer._step(b, 0)
+        seconds = time.perf_counter() - t0
+        out[name] = {
+            "samples_per_s": round(samples / seconds),
+            "history_bytes_per_sample": round(
+                sum(_history_bytes(b) for b in batches[warmup:]) / samples
+            ),
+            "targets_per_row": round(samples / sum(b.batch_size for b in batches[warmup:]), 2),
+        }
+    out["throughput_ratio"] = round(
+        out["request"]["samples_per_s"] / out["pointwise"]["samples_per_s"], 2
+    )
+    out["bytes_saved"] = round(
+        1
+        - out["request"]["history_bytes_per_sample"] / out["pointwise"]["history_bytes_per_sample"],
+        3,
+    )
+    return out

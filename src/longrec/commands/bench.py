@@ -73,11 +73,17 @@ def bench_train_command(
     layout: Annotated[str, typer.Option(help="pointwise | request")] = "pointwise",
     set: Annotated[list[str] | None, typer.Option("--set", help="config override")] = None,
     out: Annotated[Path | None, typer.Option(help="JSON file to write")] = None,
+    compare_layouts: Annotated[
+        bool, typer.Option(help="request-level vs pointwise on the same samples (batch = requests)")
+    ] = False,
 ) -> None:
     from longrec.bench.common import machine
-    from longrec.bench.train import bench_train
+    from longrec.bench.train import bench_layouts, bench_train
 
-    result = bench_train(data, model, max_len, steps, batch_size, layout, set or [])
+    if compare_layouts:
+        result = bench_layouts(data, model, max_len, batch_size, steps, set or [])
+    else:
+        result = bench_train(data, model, max_len, steps, batch_size, layout, set or [])
     result["machine"] = machine()
     print(json.dumps(result, indent=2))
     if out is not None:

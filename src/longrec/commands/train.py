@@ -63,6 +63,10 @@ def eval_command(
     run: Annotated[Path, typer.Option(help="run directory")],
     split: Annotated[str, typer.Option(help="valid | test | train")] = "test",
     data: Annotated[Path | None, typer.Option(help="evaluate on another prepared dataset")] = None,
+    max_len: Annotated[
+        int | None, typer.Option(help="history length at evaluation (e.g. train 1K, serve 10K)")
+    ] = None,
+    retrieval: Annotated[bool, typer.Option(help="also NDCG@k of the search stage")] = False,
 ) -> None:
     from longrec.data.dataset import PreparedDataset
     from longrec.train.evaluate import evaluate_split
@@ -71,8 +75,16 @@ def eval_command(
     model, cfg, _ = load_run(run)
     if data is not None:
         cfg.data.path = str(data)
-    metrics = evaluate_split(model, PreparedDataset(cfg.data.path), split, cfg)
-    print(json.dumps({"run": str(run), "split": split, **metrics}, indent=2))
+    if max_len is not None:
+        cfg.data.max_len = max_len
+    dataset = PreparedDataset(cfg.data.path)
+    metrics = evaluate_split(model, dataset, split, cfg)
+    out = {"run": str(run), "split": split, "max_len": cfg.data.max_len, **metrics}
+    if retrieval:
+        from longrec.train.retrieval import retrieval_ndcg
+
+        out["retrieval"] = retrieval_ndcg(model, dataset, split, cfg)
+    print(json.dumps(out, indent=2))
 
 
 def models_command() -> None:

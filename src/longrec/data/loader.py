@@ -13,13 +13,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
+from longrec.data.lengths import LengthSampling, bucketed_batches, sample_lengths
 from longrec.errors import UserError
 
 _SAMPLE_COLUMNS = {"user", "hist_end", "target_ts", "label", "request_id"}
@@ -38,6 +39,9 @@ class LoaderConfig:
     rank: int = 0  # data-parallel shard of this process
     world_size: int = 1
     history_fields: tuple[str, ...] | None = None  # default: every store field
+    lengths: LengthSampling = field(default_factory=LengthSampling)  # per-request training lengths
+    bucket: bool = False  # group requests of similar length into batches (less padding)
+    bucket_window: int = 50  # batches per sorting window
 
 
 class RequestIndex:
@@ -89,6 +93,12 @@ class BatchLoader:
         self._ts = _as_tensor(store.ts)
         self._offsets = torch.from_numpy(np.asarray(store.offsets, dtype=np.int64))
         self._targets = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.cols.items()}
+        cfg.lengths.check(cfg.max_len)
+        first = self.requests.start
+        # behaviours each request has before its target (its history, uncapped)
+        self.available = (
+            self.cols["hist_end"][first] - np.asarray(store.offsets)[self.cols["user"][first]]
+        )
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -107,13 +117,29 @@ class BatchLoader:
             order = np.arange(n)
         return order[self.cfg.rank :: self.cfg.world_size]
 
+    def caps(self, epoch: int) -> np.ndarray | None:
+        """Per-request history length of this epoch (None: everyone gets max_len)."""
+        if self.cfg.lengths.kind == "fixed":
+            return None
+        rng = np.random.default_rng((self.cfg.seed, epoch, 1))
+        return sample_lengths(rng, len(self.requests), self.cfg.max_len, self.cfg.lengths)
+
     def batch_requests(self, epoch: int) -> list[np.ndarray]:
         order = self._order(epoch)
         bs = self.cfg.batch_size
+        if self.cfg.bucket:
+            caps = self.caps(epoch)
+            cap = caps if caps is not None else self.cfg.max_len
+            effective = np.minimum(self.available, cap)
+            rng = np.random.default_rng((self.cfg.seed, epoch, 2))
+            return bucketed_batches(
+                order, effective, bs, self.cfg.bucket_window, rng, self.cfg.drop_last
+            )
         stop = len(order) - len(order) % bs if self.cfg.drop_last else len(order)
         return [order[i : i + bs] for i in range(0, stop, bs)]
 
-    def make_batch(self, requests: np.ndarray) -> Batch:
+    def make_batch(self, requests: np.ndarray, caps: np.ndarray | None = None) -> Batch:
+        """The batch of these requests; `caps` (per request) shortens histories to a suffix."""
         cfg = self.cfg
         start = torch.from_numpy(self.requests.start[requests])
         count = torch.from_numpy(self.requests.count[requests])
@@ -125,7 +151,8 @@ class BatchLoader:
         first = start
         user = cols["user"][first].long()
         end = cols["hist_end"][first].long()
-        lo = torch.maximum(self._offsets[user], end - cfg.max_len)
+        cap = cfg.max_len if caps is None else torch.from_numpy(np.minimum(caps, cfg.max_len))
+        lo = torch.maximum(self._offsets[user], end - cap)
         longest = int((end - lo).max()) if len(end) else 0
         length = min(cfg.max_len, _round_up(max(longest, 1), cfg.pad_multiple))
         history, history_ts, mask = self._gather_history(lo, end, length)
@@ -173,11 +200,12 @@ class BatchLoader:
     def iter_epoch(self, epoch: int | None = None, start_batch: int = 0) -> Iterator[Batch]:
         epoch = self.epoch if epoch is None else epoch
         chunks = self.batch_requests(epoch)[start_batch:]
+        caps = self.caps(epoch)
+        batches = (self.make_batch(r, None if caps is None else caps[r]) for r in chunks)
         if self.cfg.prefetch <= 0:
-            for requests in chunks:
-                yield self.make_batch(requests)
+            yield from batches
             return
-        yield from _prefetch((self.make_batch(r) for r in chunks), self.cfg.prefetch)
+        yield from _prefetch(batches, self.cfg.prefetch)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_epoch()

@@ -25,6 +25,7 @@ from torch import Tensor
 from longrec.config import RunConfig
 from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
+from longrec.data.lengths import LengthSampling
 from longrec.data.loader import BatchLoader, LoaderConfig
 from longrec.errors import UserError
 from longrec.models import build_model
@@ -88,6 +89,13 @@ class Trainer:
                 seed=tc.seed,
                 prefetch=cfg.data.prefetch,
                 history_fields=self.model.history_fields(),
+                lengths=LengthSampling(
+                    cfg.data.train_lengths,
+                    cfg.data.train_min_len,
+                    cfg.data.train_mean_len,
+                    cfg.data.train_length_alpha,
+                ),
+                bucket=cfg.data.bucket,
             ),
         )
         per_epoch = len(self.loader)
