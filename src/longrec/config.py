@@ -33,6 +33,9 @@ class DataConfig:
     train_mean_len: int | None = None
     train_length_alpha: float = 0.5
     bucket: bool = False  # batches of similar history length (less padding)
+    order: str = "shuffle"  # training order: shuffle | user_time (IAT's user-order source model)
+    token_store: str | None = None  # IAT: instance tokens attached to every batch
+    max_tokens: int = 256  # IAT: tokens per request (most recent before the request time)
 
 
 @dataclass

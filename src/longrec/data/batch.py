@@ -24,6 +24,7 @@ class Batch:
     target_mask: Tensor  # [B, M] bool, True = real target
     sample_index: Tensor | None = None  # [B, M] int64 row of each target in its split, -1 = pad
     history_end: Tensor | None = None  # [B] int64 store row just after the history (provenance)
+    extra: dict[str, Tensor] | None = None  # side sequences, e.g. IAT tokens [B, T, D] + masks
 
     @property
     def batch_size(self) -> int:

@@ -42,6 +42,11 @@ class LoaderConfig:
     lengths: LengthSampling = field(default_factory=LengthSampling)  # per-request training lengths
     bucket: bool = False  # group requests of similar length into batches (less padding)
     bucket_window: int = 50  # batches per sorting window
+    token_store: str | None = None  # IAT: attach each request's earlier instance tokens
+    max_tokens: int = 256
+    order: str = (
+        "shuffle"  # shuffle | user_time (users shuffled, each user's requests in time order)
+    )
 
 
 class RequestIndex:
@@ -93,6 +98,11 @@ class BatchLoader:
         self._ts = _as_tensor(store.ts)
         self._offsets = torch.from_numpy(np.asarray(store.offsets, dtype=np.int64))
         self._targets = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.cols.items()}
+        self.tokens = None
+        if cfg.token_store:
+            from longrec.data.token_store import TokenStore
+
+            self.tokens = TokenStore.open(cfg.token_store)
         cfg.lengths.check(cfg.max_len)
         first = self.requests.start
         # behaviours each request has before its target (its history, uncapped)
@@ -111,10 +121,23 @@ class BatchLoader:
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.requests)
-        if self.cfg.shuffle:
-            order = np.random.default_rng((self.cfg.seed, epoch)).permutation(n)
-        else:
-            order = np.arange(n)
+        rng = np.random.default_rng((self.cfg.seed, epoch))
+        if self.cfg.order == "user_time":
+            # users in random order, each user's requests consecutive and in time order (IAT's
+            # user-order training); shards split by user so no user straddles two processes
+            first = self.requests.start
+            user, ts = self.cols["user"][first], self.cols["target_ts"][first]
+            users = np.unique(user)
+            rank_of = np.empty(users.max() + 1, dtype=np.int64)
+            rank_of[users] = (
+                rng.permutation(len(users)) if self.cfg.shuffle else np.arange(len(users))
+            )
+            order = np.lexsort((np.arange(n), ts, rank_of[user]))
+            keep = (rank_of[user[order]] % self.cfg.world_size) == self.cfg.rank
+            return order[keep]
+        if self.cfg.order != "shuffle":
+            raise UserError(f"loader order must be shuffle or user_time, got '{self.cfg.order}'")
+        order = rng.permutation(n) if self.cfg.shuffle else np.arange(n)
         return order[self.cfg.rank :: self.cfg.world_size]
 
     def caps(self, epoch: int) -> np.ndarray | None:
@@ -170,6 +193,9 @@ class BatchLoader:
             target_mask=target_mask,
             sample_index=sample_index,
             history_end=end,
+            extra=None
+            if self.tokens is None
+            else self.tokens.before(user.numpy(), cols["target_ts"][first].numpy(), cfg.max_tokens),
         )
 
     def _gather_history(self, lo: torch.Tensor, end: torch.Tensor, length: int):

@@ -38,8 +38,12 @@ def _load_all() -> None:
     from longrec.models import (  # noqa: F401
         din,
         eta,
+        hstu,
+        longer,
+        sasrec,
         sdim,
         sim,
+        stca,
         td_sasrec,
         tin,
         two_stage,

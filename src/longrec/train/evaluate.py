@@ -33,6 +33,8 @@ def predict_split(
             shuffle=False,
             prefetch=cfg.data.prefetch,
             history_fields=model.history_fields(),
+            token_store=cfg.data.token_store,
+            max_tokens=cfg.data.max_tokens,
         ),
     )
     model.eval()

@@ -96,6 +96,9 @@ class Trainer:
                     cfg.data.train_length_alpha,
                 ),
                 bucket=cfg.data.bucket,
+                order=cfg.data.order,
+                token_store=cfg.data.token_store,
+                max_tokens=cfg.data.max_tokens,
             ),
         )
         per_epoch = len(self.loader)

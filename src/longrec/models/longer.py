@@ -1,0 +1,406 @@
+"""LONGER: Long-sequence Optimized traNsformer for GPU-Efficient Recommenders (Chai et al.,
+ByteDance, RecSys 2025, arXiv 2505.04421; SPEC §6).
+
+A transformer over the whole long history, made affordable by three ideas: token merging (K
+adjacent behaviours -> one token), hybrid attention (a first cross-causal layer whose queries
+are only the global tokens and the k most recent merged tokens, then N self-causal layers over
+those m + k tokens) and KV-cache serving (the sequence side never sees a candidate, so it is
+computed once per request and only the candidate's global token is run per target).
+
+Pipeline and the project's choices ([INFER] = not in any public source; every one a parameter):
+
+1. Behaviour tokens. Concatenation of the item-side field embeddings (`fields`, default the
+   fields shared by history and target, tables shared with the target), the event-side field
+   embeddings (`side_fields`, default every single-valued event-side field such as behaviour
+   type or domain [INFER]) and a time-gap embedding, projected to width `dim` (d = 32).
+   [INFER] The paper concatenates the time difference to the *target*; that would make every
+   sequence token candidate-dependent and break KV caching, so the gap is taken to the
+   *request* time instead: `target_ts[:, 0]` (all targets of a request share one request time;
+   a pointwise batch of the same samples therefore gives the same tokens). Gaps are
+   log-bucketed (`time_buckets`, nn.temporal.log_buckets); bucket 0 is the candidate's own.
+   Padded behaviours are zeroed after the projection, whatever their ids or timestamps.
+2. Token merge by K (`merge_k`, 1/4/8): groups are aligned from the MOST RECENT end (the
+   history is left-padded by up to K-1 slots), so extra left padding never regroups real
+   behaviours; the merged sequence has ceil(L/K) tokens. A group is real if any of its
+   behaviours is; padded slots inside the oldest, partial group are zeros. `merge="concat"`:
+   the K tokens are concatenated (K * d) and projected to `merged_dim` (d'; None = dim)
+   [INFER: the paper keeps width K * d; projecting back keeps the attention width fixed].
+   `merge="inner"` (InnerTrans): one pre-LN transformer block over the K tokens of each group
+   (padded slots masked as keys, a learned in-group slot embedding added [INFER]), then
+   `inner_pool="flatten"` (concatenate the K outputs, padded ones zeroed, project to d') or
+   `"mean"` (mean over real slots, project to d') [INFER].
+   A learned absolute position embedding is added per merged token, counted from the most
+   recent group (1 = most recent, clipped at ceil(max_len / K)) [INFER: counting from the
+   recent end keeps it invariant to left padding].
+3. Global tokens, in the order [candidate, CLS, user]: the candidate token is the target's
+   item-side field embeddings and the bucket-0 time embedding, projected to d' [INFER]; CLS is
+   learned; the user-id token (`user_token`, an embedding of `batch.user`, vocabulary
+   `schema.n_users`) is off by default [INFER: a per-user table overfits on public data with
+   few samples per user; the paper uses it]. High-order cross-feature tokens are not built
+   (the data has no cross features).
+4. Hybrid attention, pre-LN blocks (`heads`, `ffn_dim` [INFER: NOT FOUND in the paper]):
+   layer 1 is cross-causal: queries O = [global; the k = `n_query` most recent merged tokens]
+   (all of them if fewer: "Recent-k"), keys R = [global; all merged tokens]; then `n_layers`
+   self-causal blocks over the m + k tokens. Visibility, with "j >= i" of the printed mask read
+   with globals first and the sequence in reverse chronological order:
+   - a sequence token sees the real sequence tokens not after it, and itself; never a global
+     token (so every sequence state is candidate-independent and cached);
+   - a global token sees every real sequence token and, among global tokens,
+     `global_mask="causal"` (default, the printed mask): global i sees global j >= i. With
+     the candidate first, the candidate sees CLS and user, while CLS and user never see the
+     candidate: they are candidate-independent too and computed once per request.
+     `global_mask="full"` [INFER]: a target's global tokens all see each other (CLS and user
+     then run per target). A target's global tokens never see another target's.
+   Output: the final states of the global tokens -> LayerNorm -> concatenation -> MLP
+   (BN-200-80, as the project's other heads) -> logit.
+5. KV cache (`cache=True`): `encode_user` computes the merged tokens, the layer-1 keys/values
+   of all merged tokens, the states of the k sequence queries (and of CLS/user under
+   "causal") through every layer and their keys/values at every layer; `score` runs only the
+   per-target global tokens, each target's group attending to its own tokens plus the cached
+   keys (nn.transformer.split_attention: the cache is never copied per target).
+   `cache=False` is the reference: `score` builds the full [global; sequence] token set per
+   target and recomputes everything with a dense mask (SDPA). Both give the same logits.
+
+Init: tables, projections and head N(0, `init_std`) as DARE; transformer blocks keep
+PyTorch's init [INFER]. Dropout defaults to 0.
+
+Cost (B requests, M targets, L' = ceil(L/K), k = min(n_query, L')): the shared part is
+O(B (L d^2 + k L' d' + n_layers k^2 d')) once per request; the per-target part is
+O(B M (n_layers + 1) (L' + k) d') for the candidate's attention, linear in L'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from longrec.data.batch import Batch
+from longrec.models.base import DataSchema, SequenceModel, UserState
+from longrec.models.registry import register
+from longrec.models.towers import EmbeddingSet, HistoryField, dedup
+from longrec.nn.embedding import gather_rows, init_normal, zero_padding_rows
+from longrec.nn.heads import MLPHead
+from longrec.nn.temporal import log_buckets, relative_positions
+from longrec.nn.transformer import PreLNBlock
+
+MERGES = ("concat", "inner")
+INNER_POOLS = ("flatten", "mean")
+GLOBAL_MASKS = ("causal", "full")
+
+
+@dataclass
+class LongerParams:
+    embed_dim: int = 16  # per field (item-side and event-side tables)
+    fields: tuple[str, ...] | None = None  # item-side; None = fields shared by history and target
+    side_fields: tuple[str, ...] | None = None  # history-only; None = single-valued event fields
+    time_dim: int = 16  # request-relative time-gap embedding; 0 = none [INFER]
+    time_buckets: int = 64  # log2 buckets of the gap in seconds
+    dim: int = 32  # d: behaviour token width after the projection (SPEC §6.3: d = 32)
+    merged_dim: int | None = None  # d': merged token / attention width; None = dim [INFER]
+    merge_k: int = 4  # K behaviours per merged token (paper: 4 or 8; 1 = no merge)
+    merge: str = "concat"  # concat (K*d -> d') | inner (InnerTrans over the K tokens)
+    inner_pool: str = "flatten"  # InnerTrans output: flatten (K*d -> d') | mean (d -> d')
+    inner_heads: int = 1  # heads of the InnerTrans block [INFER]
+    n_query: int = 100  # k most recent merged tokens used as queries (SPEC §6.3: 100)
+    n_layers: int = 2  # self-causal layers after the cross-causal one [NOT FOUND; 2 in scaling]
+    heads: int = 2  # [NOT FOUND]
+    ffn_dim: int | None = None  # None = 4 * d' [INFER]
+    dropout: float = 0.0
+    user_token: bool = False  # user-id global token (embedding of batch.user) [INFER default]
+    global_mask: str = "causal"  # causal (printed mask: CLS/user cached) | full
+    cache: bool = True  # KV-cache path; False recomputes everything per target (reference)
+    hidden: tuple[int, ...] = (200, 80)
+    init_std: float = 0.01
+
+
+@register(
+    "longer",
+    "LONGER: token merge, global tokens, cross-causal + self-causal transformer, KV cache (RecSys'25)",
+)
+class LongerModel(SequenceModel):
+    Params = LongerParams
+
+    def __init__(self, schema: DataSchema, params: LongerParams, sparse_embeddings: bool = False):
+        super().__init__(schema, params)
+        p = params
+        for value, allowed, what in (
+            (p.merge, MERGES, "merge"),
+            (p.inner_pool, INNER_POOLS, "inner_pool"),
+            (p.global_mask, GLOBAL_MASKS, "global_mask"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{what} must be one of {allowed}, got '{value}'")
+        if p.merge_k < 1 or p.n_query < 1:
+            raise ValueError("merge_k and n_query must be >= 1")
+        self.fields = list(p.fields) if p.fields else schema.shared_item_fields()
+        if not self.fields:
+            raise ValueError("longer needs at least one item-side field in history and target")
+        if p.side_fields is None:
+            side = [n for n, f in schema.fields.items() if f.side == "event" and f.width == 1]
+        else:
+            side = list(p.side_fields)
+        self.side_fields = [f for f in side if f not in self.fields]
+        max_pos = max(schema.max_len, 1)
+        self.items = EmbeddingSet(schema, self.fields, p.embed_dim, 0, max_pos, sparse_embeddings)
+        self.side = (
+            EmbeddingSet(schema, self.side_fields, p.embed_dim, 0, max_pos, sparse_embeddings)
+            if self.side_fields
+            else None
+        )
+        self.time = (
+            nn.Embedding(p.time_buckets, p.time_dim, sparse=sparse_embeddings)
+            if p.time_dim > 0
+            else None
+        )
+        d, k = p.dim, p.merge_k
+        dm = p.merged_dim or d
+        self.d, self.dm = d, dm
+        self.item_in = p.embed_dim * len(self.fields)
+        token_in = p.embed_dim * (len(self.fields) + len(self.side_fields)) + max(p.time_dim, 0)
+        self.token_proj = nn.Linear(token_in, d)  # concat(fields, side, time) -> d
+        self.cand_proj = nn.Linear(self.item_in + max(p.time_dim, 0), dm)
+        # input LayerNorms: small-init tables give tokens far below LayerNorm's eps otherwise
+        self.token_ln, self.cand_ln = nn.LayerNorm(d), nn.LayerNorm(dm)
+        self.inner = self.slot_pos = None
+        if p.merge == "inner":
+            self.slot_pos = nn.Parameter(torch.zeros(k, d))
+            self.inner = PreLNBlock(d, p.inner_heads, 4 * d, p.dropout)
+        pool_in = d if (p.merge == "inner" and p.inner_pool == "mean") else k * d
+        self.merge_proj = nn.Linear(pool_in, dm)
+        self.max_groups = math.ceil(max_pos / k)
+        self.pos = nn.Embedding(self.max_groups + 1, dm, sparse=sparse_embeddings)
+        self.cls = nn.Parameter(torch.zeros(dm))
+        self.user = self.user_ln = None
+        if p.user_token:
+            self.user = nn.Embedding(
+                max(schema.n_users, 2), dm, padding_idx=0, sparse=sparse_embeddings
+            )
+            self.user_ln = nn.LayerNorm(dm)
+        self.n_global = 3 if p.user_token else 2  # [candidate, CLS, user]
+        # per-target global tokens: the candidate only under "causal", all of them under "full"
+        self.n_own = 1 if p.global_mask == "causal" else self.n_global
+        ffn = p.ffn_dim or 4 * dm
+        self.blocks = nn.ModuleList(
+            PreLNBlock(dm, p.heads, ffn, p.dropout) for _ in range(1 + p.n_layers)
+        )
+        self.final_ln = nn.LayerNorm(dm)
+        self.head = MLPHead(self.n_global * dm, p.hidden)
+        for part in (self.items, self.side, self.time, self.pos, self.user, self.head):
+            if part is not None:
+                init_normal(part, p.init_std)
+        nn.init.normal_(self.cls)  # a unit-scale token, like the normalised inputs
+        if self.slot_pos is not None:
+            nn.init.normal_(self.slot_pos, std=p.init_std)
+        zero_padding_rows(self)
+
+    def history_fields(self) -> tuple[str, ...]:
+        return (*self.fields, *self.side_fields)
+
+    # -- contract -------------------------------------------------------------------------
+    def encode_user(self, batch: Batch) -> UserState:
+        """Merged tokens and, with the cache, every candidate-independent state and K/V."""
+        tokens, valid = self.sequence_tokens(batch)
+        state: UserState = {"tokens": tokens, "valid": valid}
+        if self.user is not None:
+            state["user"] = self.user_ln(self.user(batch.user))
+        if not self.params.cache:
+            return state
+        shared = self._shared_globals(state, tokens)  # [B, gs, d'] (CLS, user) or [B, 0, d']
+        gs = shared.shape[1]
+        kq = min(self.params.n_query, tokens.shape[1])
+        first = self.blocks[0]
+        # layer 1 (cross-causal): keys = [shared globals; all merged tokens]
+        k_g, v_g = first.kv(shared)
+        k_s, v_s = first.kv(tokens)
+        keys, values = torch.cat((k_g, k_s), dim=-2), torch.cat((v_g, v_s), dim=-2)
+        queries = torch.cat((shared, tokens[:, -kq:]), dim=1)
+        x = first(queries, keys, values, self._mask(self._causal_globals(gs), valid, kq))
+        state.update(k0=keys, v0=values, kvalid0=self._key_valid(gs, valid))
+        # self-causal layers over [shared globals; k sequence queries]
+        q_valid = valid[:, -kq:]
+        mask = self._mask(self._causal_globals(gs), q_valid, kq)
+        for i, block in enumerate(self.blocks[1:], start=1):
+            keys, values = block.kv(x)
+            state[f"k{i}"], state[f"v{i}"] = keys, values
+            x = block(x, keys, values, mask)
+        state["kvalid1"] = self._key_valid(gs, q_valid)
+        state["globals"] = x[:, :gs]  # final states of CLS / user (causal mask)
+        state["sequence"] = x[:, gs:]  # final states of the k sequence queries
+        return state
+
+    def score(self, state: UserState, batch: Batch) -> Tensor:
+        if not self.params.cache:
+            return self._score_reference(state, batch)
+        own = self._own_globals(state, batch)  # [B, M, n_own, d']
+        own_mask = torch.ones(self.n_own, self.n_own, dtype=torch.bool, device=own.device)
+        x = own
+        for i, block in enumerate(self.blocks):
+            kv_valid = state["kvalid0" if i == 0 else "kvalid1"]  # [B, S]
+            x = block.forward_split(
+                x, own_mask, state[f"k{i}"], state[f"v{i}"], kv_valid[:, None, None, :]
+            )
+        shared = state["globals"]
+        final = torch.cat((x, shared.unsqueeze(1).expand(-1, x.shape[1], -1, -1)), dim=2)
+        return self._head(final, batch)
+
+    # -- tokens -------------------------------------------------------------------------------
+    @staticmethod
+    def request_time(batch: Batch) -> Tensor:
+        """[B] the request time: all targets of a request share it, the first is always real."""
+        return batch.target_ts[:, 0]
+
+    def behaviour_tokens(self, batch: Batch) -> Tensor:
+        """[B, L, d]: projection of concat(item fields, side fields, time-gap embedding),
+        computed per field on the batch's distinct rows (Linear of a concat = sum of per-field
+        linears), zero on padding."""
+        p = self.params
+        weight = self.token_proj.weight  # [d, token_in]
+        out = None
+        offset = 0
+        for emb in (self.items, self.side):
+            if emb is None:
+                continue
+            distinct = {f: dedup(batch.history[f], emb.tables[f].num_embeddings) for f in emb.fields}
+            for field in emb.history(batch, distinct).fields:
+                w = weight[:, offset : offset + p.embed_dim]
+                offset += p.embed_dim
+                part = HistoryField(field.rows @ w.T, field.inverse, field.value_mask).dense()
+                out = part if out is None else out + part
+        if self.time is not None:
+            gap = self.request_time(batch).unsqueeze(1) - batch.history_ts
+            bucket = log_buckets(gap, p.time_buckets)
+            rows = self.time(torch.arange(p.time_buckets, device=gap.device))
+            out = out + gather_rows(rows @ weight[:, offset:].T, bucket)
+        out = self.token_ln(out + self.token_proj.bias)
+        return out * batch.history_mask.unsqueeze(-1).to(out.dtype)
+
+    def sequence_tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Merged tokens [B, L', d'] (L' = ceil(L / K), chronological, groups aligned from the
+        most recent end) with their positions added, and which are real [B, L']."""
+        k = self.params.merge_k
+        x = self.behaviour_tokens(batch)
+        mask = batch.history_mask
+        b, length, d = x.shape
+        extra = (-length) % k if length else k
+        if extra:
+            x = torch.cat((x.new_zeros(b, extra, d), x), dim=1)
+            mask = torch.cat((mask.new_zeros(b, extra), mask), dim=1)
+        groups = x.shape[1] // k
+        slots = mask.view(b, groups, k)
+        valid = slots.any(-1)
+        if self.inner is None:
+            merged = self.merge_proj(x.reshape(b, groups, k * d))
+        else:
+            merged = self.merge_proj(self._inner(x.view(b * groups, k, d), slots))
+        positions = relative_positions(groups, x.device, self.max_groups)
+        return merged + self.pos(positions).to(merged.dtype), valid
+
+    def _inner(self, x: Tensor, slots: Tensor) -> Tensor:
+        """InnerTrans: one block over the K tokens of each group [G, K, d] -> pooled."""
+        g, k, d = x.shape
+        slot_mask = slots.reshape(g, k)
+        x = x + self.slot_pos.to(x.dtype)
+        eye = torch.eye(k, dtype=torch.bool, device=x.device)
+        attend = (slot_mask[:, None, None, :] | eye).expand(g, 1, k, k)
+        keys, values = self.inner.kv(x)
+        y = self.inner(x, keys, values, attend) * slot_mask.unsqueeze(-1).to(x.dtype)
+        if self.params.inner_pool == "flatten":
+            return y.reshape(-1, slots.shape[1], k * d)
+        w = slot_mask.unsqueeze(-1).to(y.dtype)
+        pooled = (y * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return pooled.view(-1, slots.shape[1], d)
+
+    def _time_target(self, like: Tensor) -> Tensor | None:
+        if self.time is None:
+            return None
+        zero = torch.zeros(like.shape[:-1], dtype=torch.long, device=like.device)
+        return self.time(zero).to(like.dtype)
+
+    def candidate_tokens(self, batch: Batch) -> Tensor:
+        """[B, M, d']: target fields (+ the bucket-0 time embedding), projected."""
+        t = torch.cat(self.items.target(batch).fields, dim=-1)
+        time = self._time_target(t)
+        return self.cand_ln(self.cand_proj(t if time is None else torch.cat((t, time), dim=-1)))
+
+    def _shared_globals(self, state: UserState, like: Tensor) -> Tensor:
+        """[B, gs, d'] candidate-independent global tokens (CLS, user) under the causal mask;
+        [B, 0, d'] under the full mask (every global token then runs per target)."""
+        b = like.shape[0]
+        if self.params.global_mask == "full":
+            return like.new_zeros(b, 0, self.dm)
+        parts = [self.cls.to(like.dtype).expand(b, 1, -1)]
+        if self.user is not None:
+            parts.append(state["user"].unsqueeze(1).to(like.dtype))
+        return torch.cat(parts, dim=1)
+
+    def _own_globals(self, state: UserState, batch: Batch) -> Tensor:
+        """[B, M, n_own, d'] per-target global tokens: candidate (+ CLS, user under full)."""
+        if self.n_own == 1:
+            return self.candidate_tokens(batch).unsqueeze(2)
+        return self._all_globals(state, batch)
+
+    # -- masks ------------------------------------------------------------------------------
+    def _causal_globals(self, g: int) -> Tensor:
+        """[g, g] visibility among g global tokens: j >= i (causal) or all (full)."""
+        ones = torch.ones(g, g, dtype=torch.bool, device=self.cls.device)
+        return ones.triu() if self.params.global_mask == "causal" else ones
+
+    @staticmethod
+    def _mask(global_vis: Tensor, key_valid: Tensor, kq: int) -> Tensor:
+        """[B, 1, g + kq, g + S] for queries [global (g); the last kq sequence tokens] over keys
+        [global; S sequence tokens]: globals see `global_vis` and every real sequence token;
+        sequence token a sees sequence tokens j <= a that are real, and itself; no global."""
+        g = global_vis.shape[0]
+        b, s = key_valid.shape
+        dev = key_valid.device
+        top = torch.cat((global_vis.expand(b, g, g), key_valid[:, None, :].expand(b, g, s)), 2)
+        rows = torch.arange(s - kq, s, device=dev)[:, None]
+        cols = torch.arange(s, device=dev)[None, :]
+        seq = (cols <= rows) & (key_valid[:, None, :] | (cols == rows))  # [B, kq, S]
+        bottom = torch.cat((torch.zeros(b, kq, g, dtype=torch.bool, device=dev), seq), 2)
+        return torch.cat((top, bottom), dim=1).unsqueeze(1)
+
+    @staticmethod
+    def _key_valid(g: int, valid: Tensor) -> Tensor:
+        """[B, g + S]: which cached keys a per-target global token may read."""
+        ones = torch.ones(valid.shape[0], g, dtype=torch.bool, device=valid.device)
+        return torch.cat((ones, valid), dim=1)
+
+    # -- reference (no cache) ----------------------------------------------------------------
+    def _all_globals(self, state: UserState, batch: Batch) -> Tensor:
+        """[B, M, g, d'] every global token of every target, order [candidate, CLS, user]."""
+        cand = self.candidate_tokens(batch).unsqueeze(2)
+        b, m = cand.shape[:2]
+        parts = [cand, self.cls.to(cand.dtype).expand(b, m, 1, -1)]
+        if self.user is not None:
+            parts.append(state["user"].to(cand.dtype)[:, None, None].expand(-1, m, 1, -1))
+        return torch.cat(parts, dim=2)
+
+    def _score_reference(self, state: UserState, batch: Batch) -> Tensor:
+        """The hybrid attention run on [global tokens of target m; merged sequence] for every
+        target separately (B*M rows), with dense masks: no cache, no split attention."""
+        tokens, valid = state["tokens"], state["valid"]
+        glob = self._all_globals(state, batch)  # [B, M, g, d']
+        b, m, g, dm = glob.shape
+        s = tokens.shape[1]
+        kq = min(self.params.n_query, s)
+        glob = glob.reshape(b * m, g, dm)
+        tokens = tokens.unsqueeze(1).expand(-1, m, -1, -1).reshape(b * m, s, dm)
+        valid = valid.unsqueeze(1).expand(-1, m, -1).reshape(b * m, s)
+        vis = self._causal_globals(g)
+        first = self.blocks[0]
+        keys, values = first.kv(torch.cat((glob, tokens), dim=1))
+        x = torch.cat((glob, tokens[:, -kq:]), dim=1)
+        x = first(x, keys, values, self._mask(vis, valid, kq))
+        mask = self._mask(vis, valid[:, -kq:], kq)
+        for block in self.blocks[1:]:
+            keys, values = block.kv(x)
+            x = block(x, keys, values, mask)
+        return self._head(x[:, :g].reshape(b, m, g, dm), batch)
+
+    def _head(self, final: Tensor, batch: Batch) -> Tensor:
+        """Global tokens [B, M, g, d'] (order candidate, CLS, user) -> logits [B, M]."""
+        return self.head(self.final_ln(final).flatten(-2), batch.target_mask)

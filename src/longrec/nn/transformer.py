@@ -1,0 +1,137 @@
+"""Pre-LayerNorm transformer blocks whose attention can be split into a cached, shared part and
+a per-target part (LONGER's KV-cache serving, SPEC §6.2).
+
+Shapes: tokens [..., N, d]; heads [..., h, N, d_h]; boolean masks are True = may attend and
+broadcast against the scores [..., h, N_q, N_k]. Every query row must be allowed at least one
+key (callers let a query see itself), otherwise softmax has nothing to normalise.
+
+A block computes  x + Attn(LN1(x_q), LN1(x_kv))  then  h + FFN(LN2(h)).  Its keys and values
+depend only on the key tokens, so they can be computed once (`kv`) and reused by any queries
+(`forward`), and `forward_split` lets per-target query groups attend jointly to their own keys
+and to shared cached keys without copying the shared keys per target.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """[..., N, h * d_h] -> [..., h, N, d_h]."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(-3, -2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[..., h, N, d_h] -> [..., N, h * d_h]."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+def split_attention(
+    q: Tensor,
+    k_own: Tensor,
+    v_own: Tensor,
+    own_mask: Tensor,
+    k_shared: Tensor,
+    v_shared: Tensor,
+    shared_mask: Tensor,
+    dropout: float = 0.0,
+) -> Tensor:
+    """One softmax over the union of a group's own keys and shared keys.
+
+    q, k_own, v_own: [B, M, h, g, d_h] (M independent query groups of g tokens each, e.g. the
+    global tokens of M targets); own_mask [g, g] (or broadcastable to [B, M, h, g, g]);
+    k_shared, v_shared: [B, h, S, d_h] (e.g. the cached user-side keys); shared_mask
+    broadcastable to [B, 1, h|1, g, S] after a target axis is added, i.e. given as
+    [B, 1|h, g|1, S]. Returns [B, M, h, g, d_h]. Equivalent to attention over the keys
+    [own; shared] of each group, without materialising the shared keys M times.
+    """
+    b, m, h, g, dh = q.shape
+    scale = 1.0 / math.sqrt(dh)
+    s_own = torch.matmul(q, k_own.transpose(-1, -2)) * scale  # [B, M, h, g, g]
+    qs = q.permute(0, 2, 1, 3, 4).reshape(b, h, m * g, dh)
+    s_sh = torch.matmul(qs, k_shared.transpose(-1, -2)) * scale  # [B, h, M g, S]
+    s_sh = s_sh.view(b, h, m, g, -1).transpose(1, 2)  # [B, M, h, g, S]
+    scores = torch.cat((s_own, s_sh), dim=-1)
+    mask = torch.cat(
+        (own_mask.expand(*s_own.shape), shared_mask.unsqueeze(1).expand(*s_sh.shape)), dim=-1
+    )
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    if dropout > 0:
+        weights = F.dropout(weights, dropout)
+    w_own, w_sh = weights.split((g, weights.shape[-1] - g), dim=-1)
+    out = torch.matmul(w_own, v_own)
+    w_sh = w_sh.transpose(1, 2).reshape(b, h, m * g, -1)
+    out_sh = torch.matmul(w_sh, v_shared).view(b, h, m, g, dh).transpose(1, 2)
+    return out + out_sh
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> Linear (position-wise)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class PreLNBlock(nn.Module):
+    """Pre-LN multi-head (cross-)attention + FFN with a reusable key/value projection."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.ln_attn, self.ln_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv_proj = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ffn = FeedForward(dim, ffn_dim, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of tokens x [..., N, d] -> two [..., h, N, d_h]."""
+        k, v = self.kv_proj(self.ln_attn(x)).chunk(2, dim=-1)
+        return split_heads(k, self.heads), split_heads(v, self.heads)
+
+    def _finish(self, x: Tensor, attended: Tensor) -> Tensor:
+        """Residual + output projection, then the FFN sub-layer; attended [..., h, N, d_h]."""
+        h = x + self.drop(self.out(merge_heads(attended)))
+        return h + self.drop(self.ffn(self.ln_ffn(h)))
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Queries x [B, N_q, d] over keys/values [B, h, N_k, d_h] (from `kv`), mask
+        broadcastable to [B, h, N_q, N_k] (bool, True = may attend) -> [B, N_q, d]."""
+        q = split_heads(self.q(self.ln_attn(x)), self.heads)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self._finish(x, attended)
+
+    def forward_split(
+        self, x: Tensor, own_mask: Tensor, k_shared: Tensor, v_shared: Tensor, shared_mask: Tensor
+    ) -> Tensor:
+        """Query groups x [B, M, g, d] attend to their own tokens (own_mask [g, g]) and to the
+        shared keys [B, h, S, d_h] (shared_mask [B, 1|h, g|1, S]) -> [B, M, g, d]."""
+        normed = self.ln_attn(x)
+        q = split_heads(self.q(normed), self.heads)
+        k, v = (split_heads(t, self.heads) for t in self.kv_proj(normed).chunk(2, dim=-1))
+        attended = split_attention(
+            q,
+            k,
+            v,
+            own_mask,
+            k_shared,
+            v_shared,
+            shared_mask,
+            self.dropout if self.training else 0.0,
+        )
+        return self._finish(x, attended)
