@@ -113,3 +113,36 @@ def bench_search_command(
     if data is not None:
         result["quality"] = bench_search_quality(data, dim_list, overrides=set or [])
     _emit("search", result, out)
+
+
+@bench_app.command(
+    "scaling",
+    help="Test AUC against history length (100 ... 10K) per model, with samples/s and peak RSS.\n\nExample:  longrec bench scaling --data data/synth-long --out benchmarks/results/scaling-synth",
+)
+def bench_scaling_command(
+    data: Annotated[Path, typer.Option(help="prepared dataset with long histories")],
+    out: Annotated[
+        Path, typer.Option(help="results directory (runs, scaling.json, table.md, scaling.png)")
+    ],
+    models: Annotated[str, typer.Option(help="models")] = "stca,longer,din,dare",
+    lengths: Annotated[str, typer.Option(help="history lengths")] = "100,300,1000,3000,10000",
+    set: Annotated[
+        list[str] | None, typer.Option("--set", help="config override for every run")
+    ] = None,
+) -> None:
+    import sys
+
+    from longrec.bench.scaling import run_scaling, scaling_plot, scaling_table
+
+    rows = run_scaling(
+        data,
+        out,
+        [m for m in models.split(",") if m],
+        [int(x) for x in lengths.split(",")],
+        set or [],
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    table = scaling_table(rows, f"AUC against history length on {data}")
+    (out / "table.md").write_text(table + "\n")
+    scaling_plot(rows, out / "scaling.png", str(data.name))
+    print(table)

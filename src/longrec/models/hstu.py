@@ -142,7 +142,7 @@ def pointwise_attention(
         scores = torch.matmul(q, k.transpose(-1, -2))
         if bias is not None:
             scores = scores + bias
-    weights = torch.where(allowed, F.silu(scores), 0.0)
+    weights = F.silu(scores)
     return torch.matmul(weights, v) / norm
 
 
@@ -344,7 +344,7 @@ class HstuModel(SequenceModel):
         length = mask.shape[1]
         ids = tables = None
         if self.rab is not None:
-            distance = (relative_positions(length, x.device) + 1).view(1, -1)  # the target is slot L
+            distance = relative_positions(length, x.device).view(1, -1)  # the target is slot L
             gap = batch.target_ts.unsqueeze(-1) - ts.unsqueeze(1)  # [B, M, L]
             ids = self.rab.bucket_ids(distance, gap, False)  # [B, M, L] ([1, L] position only)
             zero = torch.zeros(1, 1, dtype=torch.long, device=x.device)

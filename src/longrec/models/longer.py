@@ -263,7 +263,9 @@ class LongerModel(SequenceModel):
         for emb in (self.items, self.side):
             if emb is None:
                 continue
-            distinct = {f: dedup(batch.history[f], emb.tables[f].num_embeddings) for f in emb.fields}
+            distinct = {
+                f: dedup(batch.history[f], emb.tables[f].num_embeddings) for f in emb.fields
+            }
             for field in emb.history(batch, distinct).fields:
                 w = weight[:, offset : offset + p.embed_dim]
                 offset += p.embed_dim

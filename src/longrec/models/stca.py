@@ -129,7 +129,8 @@ class StcaModel(SequenceModel):
         self.token_norm = nn.LayerNorm(d) if p.token_norm else nn.Identity()
         n_stacks = p.layers if p.history_per_layer else 1
         self.history_ffn = nn.ModuleList(
-            SwiGLUStack(d, p.ratio, p.history_ffn_depth, p.history_residual) for _ in range(n_stacks)
+            SwiGLUStack(d, p.ratio, p.history_ffn_depth, p.history_residual)
+            for _ in range(n_stacks)
         )
         self.query_ffn = nn.ModuleList(SwiGLU(d, p.ratio) for _ in range(p.layers))
         self.query_norm = nn.ModuleList(nn.LayerNorm(d) for _ in range(p.layers))
@@ -178,7 +179,9 @@ class StcaModel(SequenceModel):
             )
         if self.time is not None:
             gap = self._request_time(batch).unsqueeze(1) - batch.history_ts
-            uniq, inverse = dedup(log_buckets(gap, self.params.time_buckets), self.time.num_embeddings)
+            uniq, inverse = dedup(
+                log_buckets(gap, self.params.time_buckets), self.time.num_embeddings
+            )
             parts.append(_Part(self.time(uniq) @ weights[-1].T, inverse))
         return parts
 

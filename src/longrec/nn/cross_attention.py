@@ -49,7 +49,13 @@ def cross_attention_plain(
 
 
 def cross_attention_reassociated(
-    query: Tensor, x: Tensor, mask: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, heads: int,
+    query: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    heads: int,
     temperature=None,
 ) -> tuple[Tensor, Tensor]:
     """Same inputs and outputs as `cross_attention_plain`, without K or V."""
@@ -86,9 +92,18 @@ class MultiHeadCrossAttention(nn.Module):
 
     def attend(self, query: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """(output [B, M, d], scaled pre-softmax scores [B, M, h, L])."""
-        fn = cross_attention_reassociated if self.kernel == "reassociated" else cross_attention_plain
+        fn = (
+            cross_attention_reassociated if self.kernel == "reassociated" else cross_attention_plain
+        )
         pooled, scores = fn(
-            query, x, mask, self.q.weight, self.k.weight, self.v.weight, self.heads, self.temperature
+            query,
+            x,
+            mask,
+            self.q.weight,
+            self.k.weight,
+            self.v.weight,
+            self.heads,
+            self.temperature,
         )
         return self.o(pooled), scores
 
