@@ -21,9 +21,16 @@ DEFAULT_LENGTHS = (100, 300, 1000, 3000, 10000)
 DEFAULT_MODELS = ("stca", "longer", "din", "dare")
 
 
-def _run_measured(cmd: list[str]) -> float:
-    """Run cmd; return its peak RSS in GiB (children included), polled every 0.2 s."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _run_measured(cmd: list[str], log_path: Path) -> float:
+    """Run cmd (output to log_path, never a pipe that could fill up); return its peak RSS in
+    GiB (children included), polled every 0.2 s."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+        return _poll(proc, log_path)
+
+
+def _poll(proc: subprocess.Popen, log_path: Path) -> float:
     peak = 0
     handle = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -35,9 +42,10 @@ def _run_measured(cmd: list[str]) -> float:
         except psutil.NoSuchProcess:
             break
         time.sleep(0.2)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    if proc.wait() != 0:
+        raise RuntimeError(
+            f"{' '.join(map(str, proc.args))} failed:\n{log_path.read_text()[-3000:]}"
+        )
     return peak / 2**30
 
 
@@ -76,7 +84,7 @@ def run_scaling(
                     *[a for s in sets for a in ("--set", s)],
                 ]
                 log(f"{model} at history {length}: training in {run}")
-                peak = _run_measured(cmd)
+                peak = _run_measured(cmd, out / "logs" / f"{model}-L{length}.log")
                 (run / "peak_rss_gib.txt").write_text(f"{peak:.3f}\n")
             metrics = json.loads((run / rd.METRICS).read_text())
             peak = (
