@@ -6,15 +6,22 @@ Per layer (`HstuLayer`), with X the token sequence [T, d]:
     A_ij       = SiLU(<Q_i, K_j> + rab^{p,t}_{ij}) / n   if j <= i and j is real, else exactly 0
     Y          = f_2(Dropout(LayerNorm(A V) ⊙ U)) + X
 
-Pointwise attention: no softmax and no 1/sqrt(d) scaling (as Meta's code); the weights are
+Pointwise attention: no softmax and no 1/sqrt(d) scaling (as Meta's reference code,
+facebookresearch/generative-recommenders, research/modeling/sequential/hstu.py); the weights are
 divided by a length n instead of being normalised to sum 1, so the intensity of a preference
 survives. With no softmax to send a -inf score to zero, padding and future keys are zeroed
-explicitly (`pointwise_attention` selects 0 for them, whatever their scores).
+explicitly (`pointwise_attention` selects 0 for them, whatever their scores); n is applied to
+the [.., T, d_v] output rather than to the [.., T, T] weights (the same, one pass cheaper).
 
 rab^{p,t} (`RelativeBias`): a learned scalar per (layer, head) for the bucket of the relative
 position i - j plus one for the bucket of the time gap ts_i - ts_j (unix seconds), both log
-buckets (`nn.temporal.log_buckets`; positions exact up to `exact_positions`). Bucket 0 is the
-token itself (distance 0), so a token's attention to itself has its own learned bias.
+buckets (`nn.temporal.log_buckets`; positions exact up to `exact_positions`, then log2, so the
+table does not grow with the history length; Meta's code has one weight per exact distance up
+to its max length). Bucket 0 is the token itself (distance 0), so a token's attention to itself
+has its own learned bias. The time buckets are computed with one `torch.bucketize` against
+boundaries derived from `log_buckets` by bisection (identical ids, tested), and a pair's two
+buckets are folded into one id of a [pos x time] table of sums, so each layer's bias is a single
+gather written in the scores' layout (the [B, L, L] pair work dominated the step time on CPU).
 
 Use as a CTR model ([INFER]: the paper trains generatively on interleaved item/action tokens;
 the ranking use here is the project's reconstruction):
@@ -41,11 +48,12 @@ the ranking use here is the project's reconstruction):
   sequence, history plus target: Meta's code divides by the padded maximum length); `"count"`
   divides by the number of keys each token attends to (its own causal length), a mean.
   Either way, extra left padding changes nothing.
-* [INFER] rab: one table per (layer, head) (Meta shares a layer's bias over heads); the time gap
-  of a pair is ts_query - ts_key (Meta's code uses the next token's timestamp for the query, a
-  next-item artefact). `rab="position" | "time" | "none"` ablate it.
+* [INFER] rab: one table per (layer, head) (Meta's code shares a layer's bias over heads); the
+  time gap of a pair is ts_query - ts_key (Meta's code uses the next token's timestamp for the
+  query, a next-item artefact). `rab="position" | "time" | "none"` ablate it.
 * [INFER] Init: field tables, rab tables and the head N(0, init_std) as DARE; HSTU layers keep
   PyTorch's Linear init (near-zero Q/K would leave SiLU(QK^T) at ~0 and the attention stuck).
+  f_1 has a bias and both LayerNorms are affine (Meta's: no bias, non-affine norms; a superset).
 
 Not reproduced: stochastic-length sub-sampling of long histories at training, interleaved
 action tokens, the generative (next-item) training loss, the fused kernels.
@@ -142,7 +150,7 @@ def pointwise_attention(
         scores = torch.matmul(q, k.transpose(-1, -2))
         if bias is not None:
             scores = scores + bias
-    weights = F.silu(scores)
+    weights = torch.where(allowed, F.silu(scores), 0.0)
     return torch.matmul(weights, v) / norm
 
 
@@ -255,6 +263,8 @@ class HstuModel(SequenceModel):
                 raise ValueError(f"{what} must be one of {allowed}, got '{value}'")
         if p.n_layers < 1 or p.n_heads < 1:
             raise ValueError("hstu needs n_layers >= 1 and n_heads >= 1")
+        if p.time_base <= 1 or min(p.pos_buckets, p.time_buckets) < 2:
+            raise ValueError("hstu needs time_base > 1 and at least 2 position and time buckets")
         self.fields = list(p.fields) if p.fields else schema.shared_item_fields()
         if not self.fields:
             raise ValueError("hstu needs at least one item-side field in history and target")
