@@ -8,7 +8,7 @@ CACHE  := $(CURDIR)/.cache
 export TORCHINDUCTOR_CACHE_DIR := $(CACHE)/inductor
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-fast bench lint format clean
+.PHONY: setup demo test bench lint format clean redis-server
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m longrec demo --out $(CACHE)/demo
 
-test: setup
+# The history-store tests start their own Redis (Debian's redis-server); install it if missing.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
+
+test: setup redis-server
 	$(PY) -m pytest -q
 
 bench: setup

@@ -6,7 +6,17 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("prepare", "synth", "demo", "train", "compare", "ablate", "bench")
+COMMAND_MODULES = (
+    "prepare",
+    "synth",
+    "demo",
+    "train",
+    "compare",
+    "ablate",
+    "bench",
+    "serve",
+    "iat",
+)
 
 
 def register_all(app: typer.Typer) -> None:

@@ -1,0 +1,71 @@
+"""`longrec serve`: the online ranker over HTTP; `longrec serve load-history`: fill a store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+serve_app = typer.Typer(
+    help="Serve a trained run over HTTP (POST /v1/rank, /v1/events; GET /healthz, /metrics).\n\n"
+    "Example:  longrec serve --run runs/dare --history lmdb://data/history --port 8000",
+    invoke_without_command=True,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(serve_app, name="serve")
+
+
+@serve_app.callback()
+def serve_command(
+    ctx: typer.Context,
+    run: Annotated[Path | None, typer.Option(help="trained run directory")] = None,
+    history: Annotated[str | None, typer.Option(help="lmdb://PATH or redis://HOST:PORT")] = None,
+    host: Annotated[
+        str, typer.Option(help="bind address (127.0.0.1 unless you mean it)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    data: Annotated[Path | None, typer.Option(help="prepared dataset (default: the run's)")] = None,
+    max_len: Annotated[int | None, typer.Option(help="history length at serving")] = None,
+    max_candidates: Annotated[int, typer.Option(help="candidates per request")] = 1000,
+    max_body_bytes: Annotated[int, typer.Option(help="request body limit")] = 1 << 20,
+    cache_mb: Annotated[int, typer.Option(help="user-state cache bound")] = 512,
+    bf16: Annotated[bool, typer.Option(help="bf16 scoring if within tolerance")] = False,
+    token_env: Annotated[
+        str, typer.Option(help="env var holding an optional bearer token")
+    ] = "LONGREC_TOKEN",
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from longrec.errors import UserError
+
+    if run is None or history is None:
+        raise UserError("longrec serve needs --run and --history (see longrec serve --help)")
+    import uvicorn
+
+    from longrec.serve.app import create_app
+    from longrec.serve.ranker import Ranker, RankerConfig
+
+    config = RankerConfig(
+        max_len=max_len, max_candidates=max_candidates, cache_bytes=cache_mb << 20, bf16=bf16
+    )
+    ranker = Ranker.from_run(run, history=history, data=data, config=config)
+    app = create_app(ranker, token=os.environ.get(token_env) or None, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@serve_app.command(
+    "load-history",
+    help="Bulk-load a history store from a prepared dataset.\n\nExample:  longrec serve load-history --data data/taobao --history lmdb://data/history",
+)
+def load_history_command(
+    data: Annotated[Path, typer.Option(help="prepared dataset")],
+    history: Annotated[str, typer.Option(help="lmdb://PATH or redis://HOST:PORT")],
+) -> None:
+    from longrec.serve.load_history import load_history
+
+    result = load_history(data, history)
+    print(result)
