@@ -35,14 +35,21 @@ from longrec.data.vocab import load_vocab
 from longrec.errors import UserError
 from longrec.serve.ranker import Ranker, RankTimings
 
-Id = Annotated[str | int, Field(description="raw id as in the training logs")]
+MAX_TS = 2**40  # unix seconds; anything larger is not a time
+
+Id = Annotated[
+    Annotated[str, Field(min_length=1, max_length=256)] | int,
+    Field(description="raw id as in the training logs"),
+]
 
 
 class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: Id
     candidates: list[Id] = Field(min_length=1, description="item ids to score")
-    now: int | None = Field(None, ge=0, description="request time, unix seconds (default: now)")
+    now: int | None = Field(
+        None, ge=0, le=MAX_TS, description="request time, unix seconds (default: now)"
+    )
     target_types: list[str] | None = Field(
         None, description="advertising target type per candidate"
     )
@@ -59,7 +66,7 @@ class RankResponse(BaseModel):
 class Event(BaseModel):
     model_config = ConfigDict(extra="allow")
     item: Id
-    ts: int = Field(ge=0, description="unix seconds")
+    ts: int = Field(ge=0, le=MAX_TS, description="unix seconds")
 
 
 class EventsRequest(BaseModel):
@@ -199,7 +206,10 @@ def create_app(ranker: Ranker, token: str | None = None, max_body_bytes: int = 1
         if len(req.events) > 10_000:
             raise HTTPException(status_code=413, detail="at most 10000 events per request")
         encoded = event_encoder.encode(req.events)
-        version = ranker.history.append(str(req.user), encoded)
+        try:
+            version = ranker.history.append(str(req.user), encoded)
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
         return EventsResponse(user=str(req.user), appended=len(req.events), version=version)
 
     @app.get("/healthz")

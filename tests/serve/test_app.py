@@ -1,0 +1,236 @@
+"""The ranker over real HTTP (uvicorn on 127.0.0.1) with a tiny model trained on the bundled
+Taobao sample: scores equal the offline model's, bad input never gives a 500."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+
+from longrec.config import resolve
+from longrec.data.batch import Batch
+from longrec.data.dataset import PreparedDataset
+from longrec.data.vocab import load_vocab
+from longrec.serve.app import create_app
+from longrec.serve.history import open_history
+from longrec.serve.load_history import load_history
+from longrec.serve.ranker import Ranker, RankerConfig
+from longrec.train.loop import Trainer
+
+TOKEN = "s3cret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(prepared_taobao, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    cfg = resolve(
+        None,
+        ["train.max_steps=8", "train.batch_size=256", "train.progress=false", "train.eval_every=8"],
+        data__path=str(prepared_taobao),
+        model__name="dare",
+    )
+    Trainer(cfg, root / "run").fit()
+    url = f"lmdb://{root / 'history'}"
+    ds = PreparedDataset(prepared_taobao)
+    store = open_history(url, list(ds.fields.values()))
+    load_history(prepared_taobao, store)
+    ranker = Ranker.from_run(root / "run", history=store, config=RankerConfig(max_candidates=50))
+    app = create_app(ranker, token=TOKEN, max_body_bytes=64 * 1024)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.get(f"{base}/healthz", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    yield {"client": client, "ranker": ranker, "dataset": ds, "base": base}
+    client.close()
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _offline_scores(
+    ranker: Ranker, ds: PreparedDataset, user_index: int, items: list[int], now: int
+) -> np.ndarray:
+    """The model on a batch built from the prepared dataset directly (not through the server)."""
+    store = ds.store
+    lo, hi = int(store.offsets[user_index]), int(store.offsets[user_index + 1])
+    lo = max(lo, hi - ranker.max_len)
+    n = hi - lo
+    length = -(-n // 8) * 8
+    mask = torch.zeros(1, length, dtype=torch.bool)
+    mask[0, length - n :] = True
+    hist = {}
+    for f in ranker.fields:
+        t = torch.zeros(1, length, dtype=torch.int32)
+        t[0, length - n :] = torch.from_numpy(np.asarray(store.fields[f][lo:hi], dtype=np.int32))
+        hist[f] = t
+    ts = torch.zeros(1, length, dtype=torch.int64)
+    ts[0, length - n :] = torch.from_numpy(np.asarray(store.ts[lo:hi]))
+    item = torch.tensor([items])
+    target = {
+        "item": item,
+        "category": torch.from_numpy(ds.item_tables["category"][item.numpy()]).long(),
+    }
+    m = len(items)
+    batch = Batch(
+        torch.tensor([user_index]),
+        hist,
+        mask,
+        ts,
+        target,
+        torch.full((1, m), now),
+        torch.zeros(1, m),
+        torch.ones(1, m, dtype=torch.bool),
+    )
+    with torch.no_grad():
+        return torch.sigmoid(ranker.model(batch))[0].numpy()
+
+
+def test_scores_equal_the_offline_model(served):
+    ds, ranker, client = served["dataset"], served["ranker"], served["client"]
+    users = load_vocab(ds.root, "user")
+    items = load_vocab(ds.root, "item")
+    raw_user = next(
+        u
+        for u, i in users.items()
+        if i >= 2 and ds.store.offsets[i + 1] - ds.store.offsets[i] > 100
+    )
+    u = users[raw_user]
+    raw_items = [*[k for k, v in items.items() if v >= 2][:20], "no-such-item"]
+    now = int(ds.store.ts[ds.store.offsets[u + 1] - 1]) + 60
+    r = client.post("/v1/rank", json={"user": raw_user, "candidates": raw_items, "now": now})
+    assert r.status_code == 200, r.text
+    online = np.array(r.json()["scores"])
+    idx = [items.get(c, 1) for c in raw_items]
+    offline = _offline_scores(ranker, ds, u, idx, now)
+    assert online.shape == (21,)
+    np.testing.assert_allclose(online, offline, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_hit_then_invalidated_by_an_event(served):
+    client = served["client"]
+    users = load_vocab(served["dataset"].root, "user")
+    raw_user = next(u for u, i in users.items() if i >= 2)
+    body = {"user": raw_user, "candidates": ["1", "2"], "now": 1_600_000_000}
+    client.post("/v1/rank", json=body)
+    assert client.post("/v1/rank", json=body).json()["cache_hit"] is True
+    r = client.post(
+        "/v1/events",
+        json={
+            "user": raw_user,
+            "events": [{"item": "2268318", "ts": 1_600_000_000 - 5, "behavior": "pv"}],
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["appended"] == 1
+    after = client.post("/v1/rank", json=body).json()
+    assert after["cache_hit"] is False
+
+
+def test_unknown_user_gets_an_empty_history_and_scores(served):
+    r = served["client"].post("/v1/rank", json={"user": "nobody-ever", "candidates": ["1", "x"]})
+    assert r.status_code == 200
+    assert r.json()["history_len"] == 0 and len(r.json()["scores"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (b'{"user": "1", "candidates": []}', 422),
+        (b'{"user": "1"}', 422),
+        (b'{"user": "1", "candidates": ["1"], "now": "yesterday"}', 422),
+        (b'{"user": "1", "candidates": ["1"], "surprise": 1}', 422),
+        (b'{"user": {"a": 1}, "candidates": ["1"]}', 422),
+        (b'{"user": "1", "candidates": ["1", "2"], "target_types": ["a"]}', 422),
+    ],
+)
+def test_bad_rank_requests_are_4xx_with_a_message(served, body, status):
+    r = served["client"].post(
+        "/v1/rank", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    assert r.json()["detail"]
+
+
+def test_too_many_candidates_and_too_large_bodies_are_413(served):
+    client = served["client"]
+    r = client.post("/v1/rank", json={"user": "1", "candidates": [str(i) for i in range(51)]})
+    assert r.status_code == 413 and "at most 50" in r.json()["detail"]
+    big = {"user": "1", "candidates": ["x" * 1000] * 100}
+    assert client.post("/v1/rank", json=big).status_code == 413
+
+
+def test_bad_events_are_422(served):
+    client = served["client"]
+    assert (
+        client.post("/v1/events", json={"user": "1", "events": [{"item": "1"}]}).status_code == 422
+    )
+    assert (
+        client.post(
+            "/v1/events", json={"user": "1", "events": [{"item": "1", "ts": -5}]}
+        ).status_code
+        == 422
+    )
+    assert client.post("/v1/events", json={"user": "1", "events": []}).status_code == 422
+
+
+def test_bearer_token_is_required(served):
+    r = httpx.post(f"{served['base']}/v1/rank", json={"user": "1", "candidates": ["1"]})
+    assert r.status_code == 401
+    assert httpx.get(f"{served['base']}/healthz").status_code == 200
+
+
+def test_metrics_are_prometheus_text(served):
+    client = served["client"]
+    client.post("/v1/rank", json={"user": "1", "candidates": ["1"]})
+    text = client.get("/metrics").text
+    for name in (
+        "longrec_requests_total",
+        "longrec_request_seconds_bucket",
+        "longrec_user_cache_hit_ratio",
+    ):
+        assert name in text
+
+
+def test_openapi_schema_never_gives_a_500(served):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{served['base']}/openapi.json")
+    failures: list[tuple] = []
+    checked = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(
+            max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        )
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
+            if response.status_code >= 500:
+                failures.append((case.method, case.path, response.status_code, response.text[:200]))
+
+        check()
+        checked += 1
+    assert checked >= 4  # rank, events, healthz, metrics
+    assert not failures, failures
