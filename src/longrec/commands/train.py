@@ -46,17 +46,36 @@ def train_command(
     overwrite: Annotated[
         bool, typer.Option(help="start over in an existing run directory")
     ] = False,
+    nproc: Annotated[
+        int, typer.Option(help="data-parallel processes (torchrun on this machine, gloo on CPU)")
+    ] = 1,
 ) -> None:
+    import os
+    import sys
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from longrec.train.distributed import relaunch
+
+        argv = sys.argv[1:]
+        i = argv.index("--nproc") if "--nproc" in argv else None
+        argv = (
+            argv[:i] + argv[i + 2 :]
+            if i is not None
+            else [a for a in argv if not a.startswith("--nproc=")]
+        )
+        raise SystemExit(relaunch(nproc, argv))
     from longrec.config import resolve
     from longrec.errors import UserError
     from longrec.report.runs import metrics_table
     from longrec.train.loop import Trainer
 
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 and out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise UserError(f"{out} exists; pass --resume to continue it or --overwrite to start over")
     cfg = resolve(config, set or [], data__path=str(data), model__name=model)
     metrics = Trainer(cfg, out).fit(resume=resume)
-    print(metrics_table({cfg.model.name: metrics}))
+    if metrics:  # rank 0 of a data-parallel run, or a single process
+        print(metrics_table({cfg.model.name: metrics}))
 
 
 def eval_command(

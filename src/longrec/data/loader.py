@@ -133,12 +133,17 @@ class BatchLoader:
                 rng.permutation(len(users)) if self.cfg.shuffle else np.arange(len(users))
             )
             order = np.lexsort((np.arange(n), ts, rank_of[user]))
-            keep = (rank_of[user[order]] % self.cfg.world_size) == self.cfg.rank
-            return order[keep]
+            shard = rank_of[user[order]] % self.cfg.world_size
+            # every rank must run the same number of steps (DDP): cut to the smallest shard
+            smallest = np.bincount(shard, minlength=self.cfg.world_size).min()
+            return order[shard == self.cfg.rank][:smallest]
         if self.cfg.order != "shuffle":
             raise UserError(f"loader order must be shuffle or user_time, got '{self.cfg.order}'")
         order = rng.permutation(n) if self.cfg.shuffle else np.arange(n)
-        return order[self.cfg.rank :: self.cfg.world_size]
+        # equal shards (DDP needs the same number of steps on every rank): the remainder of
+        # n / world_size requests is left out of this epoch, a different one each epoch
+        per_rank = n // self.cfg.world_size if self.cfg.world_size > 1 else n
+        return order[self.cfg.rank :: self.cfg.world_size][:per_rank]
 
     def caps(self, epoch: int) -> np.ndarray | None:
         """Per-request history length of this epoch (None: everyone gets max_len)."""

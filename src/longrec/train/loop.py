@@ -30,6 +30,7 @@ from longrec.data.loader import BatchLoader, LoaderConfig
 from longrec.errors import UserError
 from longrec.models import build_model
 from longrec.models.base import DataSchema
+from longrec.train import distributed
 from longrec.train import run_dir as rd
 from longrec.train.evaluate import evaluate_split
 from longrec.train.optim import (
@@ -64,7 +65,10 @@ class Trainer:
         self.cfg, self.run = cfg, Path(run)
         self.callbacks = callbacks or []
         tc = cfg.train
-        torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+        self.distributed = distributed.init()
+        self.rank, self.world_size = distributed.world()
+        self.main = self.rank == 0
+        torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // self.world_size))
         # multi-threaded scatter/index_add accumulate in a varying order: without this, two
         # seeded runs (or a resumed and an uninterrupted one) drift apart; it costs ~nothing here
         torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
@@ -88,6 +92,8 @@ class Trainer:
                 shuffle=True,
                 seed=tc.seed,
                 prefetch=cfg.data.prefetch,
+                rank=self.rank,
+                world_size=self.world_size,
                 history_fields=self.model.history_fields(),
                 lengths=LengthSampling(
                     cfg.data.train_lengths,
@@ -101,6 +107,7 @@ class Trainer:
                 max_tokens=cfg.data.max_tokens,
             ),
         )
+        self.step_module = distributed.wrap(self.model)
         per_epoch = len(self.loader)
         if per_epoch == 0:
             raise UserError(f"{cfg.data.path}: the train split is empty")
@@ -138,15 +145,17 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
-        self.run.mkdir(parents=True, exist_ok=True)
-        rd.write_config(self.run, self.cfg, self.schema)
+        if self.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            rd.write_config(self.run, self.cfg, self.schema)
+            if not resume:
+                (self.run / rd.LOG).unlink(missing_ok=True)
+        distributed.barrier()
         state = (
             self._restore() if resume and (self.run / rd.STATE).exists() else self._fresh_state()
         )
-        if not resume:
-            (self.run / rd.LOG).unlink(missing_ok=True)
         tc = self.cfg.train
-        bar = _progress(tc.progress, self.total_steps, state["step"])
+        bar = _progress(tc.progress and self.main, self.total_steps, state["step"])
         done = state["step"] >= self.total_steps or state["stopped_early"]
         while not done and state["epoch"] < self.epochs:
             start = state["batch_in_epoch"]
@@ -164,7 +173,7 @@ class Trainer:
                         loss=f"{loss:.4f}",
                         sps=f"{state['train_samples'] / max(state['train_seconds'], 1e-9):,.0f}",
                     )
-                if step % tc.log_every == 0:
+                if self.main and step % tc.log_every == 0:
                     rd.append_log(
                         self.run,
                         {
@@ -199,7 +208,7 @@ class Trainer:
         set_lr(self.optimizers, lr_factor(tc, step, self.total_steps))
         self.model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
-            logits, aux = self.model.forward_train(batch)
+            logits, aux = self.step_module(batch)
         loss = masked_bce(logits, batch.label, batch.target_mask, tc.loss_reduction)
         for aux_logits, weight in aux:
             loss = loss + weight * masked_bce(
@@ -223,6 +232,13 @@ class Trainer:
         return value
 
     def _validate(self, state: dict) -> None:
+        """Rank 0 validates and checkpoints; every rank then adopts its decisions."""
+        if self.main:
+            self._validate_main(state)
+        keys = ("best_metric", "best_step", "evals_without_gain", "stopped_early")
+        state.update(distributed.broadcast({k: state[k] for k in keys}))
+
+    def _validate_main(self, state: dict) -> None:
         tc = self.cfg.train
         metrics = evaluate_split(self.model, self.dataset, "valid", self.cfg)
         value = metrics.get(tc.select_by, math.nan) if metrics else math.nan
@@ -243,6 +259,11 @@ class Trainer:
         self._checkpoint(state)
 
     def _finish(self, state: dict) -> dict:
+        samples = int(distributed.all_sum(state["train_samples"]))
+        if not self.main:
+            distributed.barrier()
+            return {}
+        state = {**state, "train_samples": samples}
         rd.load_weights(self.model, self.run / rd.BEST)
         shutil.copyfile(self.run / rd.BEST, self.run / rd.WEIGHTS)
         result = {
@@ -260,7 +281,10 @@ class Trainer:
             "model": self.cfg.model.name,
             "parameters": int(sum(p.numel() for p in self.model.parameters())),
         }
+        if self.world_size > 1:
+            result["train"]["processes"] = self.world_size
         rd.write_metrics(self.run, result)
+        distributed.barrier()
         return result
 
 
