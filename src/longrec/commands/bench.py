@@ -146,3 +146,40 @@ def bench_scaling_command(
     (out / "table.md").write_text(table + "\n")
     scaling_plot(rows, out / "scaling.png", str(data.name))
     print(table)
+
+
+@bench_app.command(
+    "serve",
+    help="Latency p50/p99 and throughput of POST /v1/rank (models x history x candidates x clients, cold/warm cache).\n\nExample:  longrec bench serve --data data/synth-long --models dare,stacked_tin,stca,longer",
+)
+def bench_serve_command(
+    data: Annotated[
+        Path, typer.Option(help="prepared dataset with long histories (history source)")
+    ],
+    models: Annotated[str, typer.Option(help="models")] = "dare,stacked_tin,stca,longer",
+    lengths: Annotated[str, typer.Option(help="history lengths")] = "1000,10000",
+    candidates: Annotated[str, typer.Option(help="candidates per request")] = "100,500,1000",
+    concurrency: Annotated[str, typer.Option(help="concurrent clients")] = "1,4,16",
+    requests: Annotated[int, typer.Option(help="requests per configuration")] = 40,
+    work: Annotated[Path, typer.Option(help="where tiny runs and the history store go")] = Path(
+        ".cache/bench/serve"
+    ),
+    out: Annotated[Path, typer.Option(help="results directory")] = RESULTS,
+) -> None:
+    import sys
+
+    from longrec.bench.serve import bench_serve, train_tiny_runs
+
+    names = [m for m in models.split(",") if m]
+    runs = train_tiny_runs(data, names, work / "runs")
+    rows = bench_serve(
+        runs,
+        data,
+        f"lmdb://{(work / 'history').resolve()}",
+        [int(x) for x in lengths.split(",")],
+        [int(x) for x in candidates.split(",")],
+        [int(x) for x in concurrency.split(",")],
+        requests,
+        log=lambda r: print(r, file=sys.stderr),
+    )
+    _emit("serve", {"rows": rows}, out)

@@ -1,0 +1,206 @@
+"""Serving benchmark (issue 05): latency p50/p99 and throughput of POST /v1/rank over real HTTP.
+
+For each model, history length, candidate count and client concurrency: a uvicorn server on
+127.0.0.1 (in this process) answers requests from `concurrency` client threads. "cold" disables
+the user-state cache (every request encodes its user, like a user's first request); "warm"
+repeats a cached user. The comparison "one at a time" scores the same candidates with one
+request per candidate.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import uvicorn
+
+from longrec.data.dataset import PreparedDataset
+from longrec.data.vocab import load_vocab
+from longrec.serve.app import create_app
+from longrec.serve.history import open_history
+from longrec.serve.load_history import load_history
+from longrec.serve.ranker import Ranker, RankerConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, ranker: Ranker):
+        self.port = _free_port()
+        app = create_app(ranker, max_body_bytes=8 << 20)
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        base = f"http://127.0.0.1:{self.port}"
+        for _ in range(400):
+            try:
+                httpx.get(f"{base}/healthz", timeout=1)
+                return base
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def ensure_history(dataset: Path, url: str) -> None:
+    ds = PreparedDataset(dataset)
+    store = open_history(url, list(ds.fields.values()))
+    if store.count(next(iter(load_vocab(ds.root, "user")))) == 0:
+        load_history(dataset, store)
+    store.close()
+
+
+def long_users(dataset: Path, min_len: int, n: int) -> list[str]:
+    """Raw ids of users with at least min_len behaviours (the longest first)."""
+    ds = PreparedDataset(dataset)
+    lengths = np.diff(ds.store.offsets)
+    order = np.argsort(-lengths)
+    inverse = {v: k for k, v in load_vocab(ds.root, "user").items()}
+    users = [inverse[int(u)] for u in order[:n] if lengths[u] >= min_len and int(u) in inverse]
+    return users or [inverse[int(order[0])]]
+
+
+def measure(
+    base: str, users: list[str], items: list[str], candidates: int, concurrency: int, requests: int
+) -> dict:
+    rng = np.random.default_rng(0)
+    bodies = [
+        {
+            "user": users[i % len(users)],
+            "candidates": list(rng.choice(items, candidates)),
+            "now": 2_000_000_000,
+        }
+        for i in range(requests)
+    ]
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker(chunk: list[dict]) -> None:
+        with httpx.Client(base_url=base, timeout=120) as client:
+            for body in chunk:
+                t0 = time.perf_counter()
+                r = client.post("/v1/rank", json=body)
+                dt = time.perf_counter() - t0
+                r.raise_for_status()
+                with lock:
+                    latencies.append(dt)
+
+    with httpx.Client(base_url=base, timeout=120) as warm:
+        warm.post("/v1/rank", json=bodies[0])
+    chunks = [bodies[i::concurrency] for i in range(concurrency)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, chunks))
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "requests_per_s": round(len(lat) / wall, 1),
+        "candidates_per_s": round(len(lat) * candidates / wall),
+    }
+
+
+def bench_serve(
+    runs: dict[str, Path],
+    dataset: Path,
+    history_url: str,
+    lengths=(1000, 10000),
+    candidates=(100, 500, 1000),
+    concurrency=(1, 4, 16),
+    requests: int = 40,
+    log=print,
+) -> list[dict]:
+    ensure_history(dataset, history_url)
+    ds = PreparedDataset(dataset)
+    items = [k for k, v in load_vocab(ds.root, "item").items() if v >= 2][:20000]
+    rows = []
+    for model, run in runs.items():
+        for length in lengths:
+            users = long_users(dataset, length, 64)
+            for cache in ("cold", "warm"):
+                config = RankerConfig(
+                    max_len=length,
+                    cache_bytes=0 if cache == "cold" else 1 << 30,
+                    max_candidates=max(candidates),
+                )
+                store = open_history(history_url, list(ds.fields.values()))
+                ranker = Ranker.from_run(run, history=store, config=config)
+                with Server(ranker) as base:
+                    for m in candidates:
+                        for c in concurrency:
+                            who = users if cache == "cold" else users[:1]
+                            n = requests if c == 1 else max(requests, 4 * c)
+                            result = measure(base, who, items, m, c, n)
+                            row = {
+                                "model": model,
+                                "history": length,
+                                "candidates": m,
+                                "concurrency": c,
+                                "cache": cache,
+                                **result,
+                            }
+                            log(row)
+                            rows.append(row)
+                    if cache == "cold":
+                        one = measure(base, users, items, 1, 1, 100)
+                        row = {
+                            "model": model,
+                            "history": length,
+                            "candidates": 1,
+                            "concurrency": 1,
+                            "cache": "cold",
+                            "one_at_a_time_ms_for_500": round(one["p50_ms"] * 500, 1),
+                            **one,
+                        }
+                        log(row)
+                        rows.append(row)
+                store.close()
+    return rows
+
+
+def train_tiny_runs(
+    dataset: Path, models: list[str], out: Path, max_len: int = 1000
+) -> dict[str, Path]:
+    """A few training steps per model: the latency benchmark needs weights of the right shape,
+    not good ones."""
+    from longrec.config import resolve
+    from longrec.train.loop import Trainer
+    from longrec.train.run_dir import METRICS
+
+    runs = {}
+    for model in models:
+        run = out / model
+        if not (run / METRICS).exists():
+            cfg = resolve(
+                None,
+                [
+                    "train.max_steps=2",
+                    "train.batch_size=32",
+                    "train.eval_every=2",
+                    "train.progress=false",
+                    f"data.max_len={max_len}",
+                    "data.eval_batch_size=256",
+                ],
+                data__path=str(dataset),
+                model__name=model,
+            )
+            Trainer(cfg, run).fit()
+        runs[model] = run
+    return runs
