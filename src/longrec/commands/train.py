@@ -110,4 +110,4 @@ def models_command() -> None:
     from longrec.models import describe_models
 
     for name, description in describe_models():
-        print(f"{name:14s} {description}")
+        print(f"{name:16s} {description}")

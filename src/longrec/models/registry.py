@@ -39,6 +39,7 @@ def _load_all() -> None:
         din,
         eta,
         hstu,
+        iat,
         longer,
         sasrec,
         sdim,
