@@ -62,6 +62,12 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads (default: all cores)
     log_every: int = 50
     progress: bool = True
+    # sharded embedding tables (TorchRec, docs/distributed.md): needs >= 2 processes
+    shard_embeddings: bool = False
+    shard_min_rows: int = 100_000  # shard every table with at least this many rows...
+    shard_tables: list[str] | None = None  # ...or these (module paths or field names: item)
+    shard_optimizer: str | None = None  # fused: sgd | adagrad | rowwise_adagrad (| adam on CUDA)
+    shard_plan: str = "greedy"  # greedy (largest table to least-loaded rank) | planner
 
 
 @dataclass

@@ -108,7 +108,7 @@ class ItemTables(nn.Module):
     def target(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         """([B, M, D] field vectors, [Dp] the target's position-0 vector or None)."""
         sem = self.embed(batch.target, self.fields)
-        return sem, (self.pos.weight[0] if self.pos is not None else None)
+        return sem, (self.pos(torch.zeros((), dtype=torch.long)) if self.pos is not None else None)
 
 
 @dataclass

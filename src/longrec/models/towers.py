@@ -186,7 +186,9 @@ class EmbeddingSet(nn.Module):
                 w = (ids != 0).unsqueeze(-1).to(e.dtype)
                 e = (e * w).sum(-2) / w.sum(-2).clamp_min(1.0)
             fields.append(e)
-        return TargetEmbedding(fields, self.pos.weight[0] if self.pos is not None else None)
+        return TargetEmbedding(
+            fields, self.pos(torch.zeros((), dtype=torch.long)) if self.pos is not None else None
+        )
 
 
 class RoleProjection(nn.Module):

@@ -81,7 +81,19 @@ class Trainer:
             cfg.model.params,
             sparse_embeddings=wants_sparse_embeddings(tc),
         )
+        self.sharded = None
+        if tc.shard_embeddings:
+            if not self.distributed:
+                raise UserError("train.shard_embeddings needs >= 2 processes (--nproc or torchrun)")
+            from longrec.train.sharded import ShardOptions, shard_embeddings
+
+            # before the optimisers and DDP: the replaced tables leave model.parameters()
+            self.sharded = shard_embeddings(
+                self.model, self.world_size, ShardOptions.from_train_config(tc)
+            )
         self.optimizers = build_optimizers(self.model, tc)
+        # fused optimiser of the sharded tables: scheduled with the others, checkpointed apart
+        self.table_optimizers = self.sharded.optimizers() if self.sharded is not None else []
         self.loader = BatchLoader(
             self.dataset,
             "train",
@@ -128,7 +140,14 @@ class Trainer:
             "stopped_early": False,
         }
 
+    def _tables_file(self, kind: str) -> Path:
+        return self.run / f"tables-{kind}.rank{self.rank}.pt"
+
     def _checkpoint(self, state: dict) -> None:
+        if self.sharded is not None:
+            self.sharded.save(self._tables_file("last"))
+        if not self.main:
+            return
         rd.save_weights(self.model, self.run / rd.LAST)
         full = dict(state)
         full["optimizers"] = [o.state_dict() for o in self.optimizers]
@@ -138,6 +157,8 @@ class Trainer:
     def _restore(self) -> dict:
         saved = rd.load_state(self.run)
         rd.load_weights(self.model, self.run / rd.LAST)
+        if self.sharded is not None:
+            self.sharded.load(self._tables_file("last"))
         for opt, sd in zip(self.optimizers, saved.pop("optimizers"), strict=True):
             opt.load_state_dict(sd)
         torch.set_rng_state(saved.pop("torch_rng"))
@@ -205,7 +226,8 @@ class Trainer:
 
     def _step(self, batch: Batch, step: int) -> float:
         tc = self.cfg.train
-        set_lr(self.optimizers, lr_factor(tc, step, self.total_steps))
+        optimizers = self.optimizers + self.table_optimizers
+        set_lr(optimizers, lr_factor(tc, step, self.total_steps))
         self.model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
             logits, aux = self.step_module(batch)
@@ -216,7 +238,7 @@ class Trainer:
             )
         penalty = l2_penalty(self.model, tc.l2)
         total = loss + penalty if penalty is not None else loss
-        for opt in self.optimizers:
+        for opt in optimizers:  # the fused optimiser takes its lr here, before backward
             opt.zero_grad(set_to_none=True)
         total.backward()
         if tc.grad_clip:
@@ -224,7 +246,7 @@ class Trainer:
                 [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse],
                 tc.grad_clip,
             )
-        for opt in self.optimizers:
+        for opt in optimizers:
             opt.step()
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -233,7 +255,7 @@ class Trainer:
 
     def _validate(self, state: dict) -> None:
         """Rank 0 validates and checkpoints; every rank then adopts its decisions."""
-        if self.main:
+        if self.main or self.sharded is not None:  # sharded lookups: every rank predicts
             self._validate_main(state)
         keys = ("best_metric", "best_step", "evals_without_gain", "stopped_early")
         state.update(distributed.broadcast({k: state[k] for k in keys}))
@@ -241,14 +263,20 @@ class Trainer:
     def _validate_main(self, state: dict) -> None:
         tc = self.cfg.train
         metrics = evaluate_split(self.model, self.dataset, "valid", self.cfg)
+        if self.sharded is not None:  # rank 0's numbers decide on every rank
+            metrics = distributed.broadcast(metrics)
         value = metrics.get(tc.select_by, math.nan) if metrics else math.nan
-        rd.append_log(self.run, {"step": state["step"], "split": "valid", **(metrics or {})})
+        if self.main:
+            rd.append_log(self.run, {"step": state["step"], "split": "valid", **(metrics or {})})
         improved = not math.isnan(value) and value > state["best_metric"]
         if improved or state["best_step"] < 0:
             state["best_metric"] = value if not math.isnan(value) else state["best_metric"]
             state["best_step"] = state["step"]
             state["evals_without_gain"] = 0
-            rd.save_weights(self.model, self.run / rd.BEST)
+            if self.main:
+                rd.save_weights(self.model, self.run / rd.BEST)
+            if self.sharded is not None:
+                self.sharded.save(self._tables_file("best"))
         else:
             state["evals_without_gain"] += 1
             if (
@@ -260,6 +288,8 @@ class Trainer:
 
     def _finish(self, state: dict) -> dict:
         samples = int(distributed.all_sum(state["train_samples"]))
+        if self.sharded is not None:
+            return self._finish_sharded(state, samples)
         if not self.main:
             distributed.barrier()
             return {}
@@ -283,6 +313,36 @@ class Trainer:
         }
         if self.world_size > 1:
             result["train"]["processes"] = self.world_size
+        rd.write_metrics(self.run, result)
+        distributed.barrier()
+        return result
+
+    def _finish_sharded(self, state: dict, samples: int) -> dict:
+        """Every rank restores the best weights and predicts (lookups are collective); rank 0
+        then gets plain tables back (unshard) and writes a model that eval and serve read."""
+        rd.load_weights(self.model, self.run / rd.BEST)
+        self.sharded.load(self._tables_file("best"))
+        result = {
+            split: distributed.broadcast(evaluate_split(self.model, self.dataset, split, self.cfg))
+            for split in ("valid", "test")
+        }
+        if not self.sharded.unshard(self.model, dst=0):  # collective
+            distributed.barrier()
+            return {}
+        rd.save_weights(self.model, self.run / rd.WEIGHTS)
+        result["train"] = {
+            "steps": state["step"],
+            "best_step": state["best_step"],
+            "stopped_early": state["stopped_early"],
+            "samples": samples,
+            "train_seconds": round(state["train_seconds"], 3),
+            "samples_per_s": samples / max(state["train_seconds"], 1e-9),
+            "select_by": self.cfg.train.select_by,
+            "model": self.cfg.model.name,
+            "parameters": int(sum(p.numel() for p in self.model.parameters())),
+            "processes": self.world_size,
+            "sharded_tables": sorted(self.sharded.placement()),
+        }
         rd.write_metrics(self.run, result)
         distributed.barrier()
         return result
