@@ -75,18 +75,41 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register
 from longrec.models.towers import EmbeddingSet, HistoryField, dedup
-from longrec.nn.embedding import gather_rows, init_normal, zero_padding_rows
+from longrec.nn.embedding import init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
 from longrec.nn.temporal import log_buckets, relative_positions
 from longrec.nn.transformer import PreLNBlock
 
 MERGES = ("concat", "inner")
+
+
+class _BagSum(torch.autograd.Function):
+    """sum_j weights[n, j] * rows[index[n, j]] -> [N, d] (embedding_bag, mode "sum") whose
+    backward is one linear index_add_ instead of embedding_bag's sort-based backward (which
+    took a fifth of a training step). The weights are masks: they get no gradient."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weights)
+        ctx.n_rows = rows.shape[0]
+        return F.embedding_bag(index, rows, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, weights = ctx.saved_tensors
+        src = (grad.unsqueeze(1) * weights.unsqueeze(-1).to(grad.dtype)).reshape(-1, grad.shape[-1])
+        out = grad.new_zeros(ctx.n_rows, grad.shape[-1])
+        out.index_add_(0, index.reshape(-1), src)
+        return out, None, None
+
+
 INNER_POOLS = ("flatten", "mean")
 GLOBAL_MASKS = ("causal", "full")
 
@@ -111,6 +134,7 @@ class LongerParams:
     dropout: float = 0.0
     user_token: bool = False  # user-id global token (embedding of batch.user) [INFER default]
     global_mask: str = "causal"  # causal (printed mask: CLS/user cached) | full
+    null_key: bool = False  # every query may also attend to "nothing" (score 0, value 0) [INFER]
     cache: bool = True  # KV-cache path; False recomputes everything per target (reference)
     hidden: tuple[int, ...] = (200, 80)
     init_std: float = 0.01
@@ -158,18 +182,17 @@ class LongerModel(SequenceModel):
         d, k = p.dim, p.merge_k
         dm = p.merged_dim or d
         self.d, self.dm = d, dm
-        self.item_in = p.embed_dim * len(self.fields)
         token_in = p.embed_dim * (len(self.fields) + len(self.side_fields)) + max(p.time_dim, 0)
         self.token_proj = nn.Linear(token_in, d)  # concat(fields, side, time) -> d
-        self.cand_proj = nn.Linear(self.item_in + max(p.time_dim, 0), dm)
-        # input LayerNorms: small-init tables give tokens far below LayerNorm's eps otherwise
-        self.token_ln, self.cand_ln = nn.LayerNorm(d), nn.LayerNorm(dm)
         self.inner = self.slot_pos = None
         if p.merge == "inner":
             self.slot_pos = nn.Parameter(torch.zeros(k, d))
             self.inner = PreLNBlock(d, p.inner_heads, 4 * d, p.dropout)
         pool_in = d if (p.merge == "inner" and p.inner_pool == "mean") else k * d
         self.merge_proj = nn.Linear(pool_in, dm)
+        # LayerNorm after the merge: small-init tables give merged tokens far below the blocks'
+        # LayerNorm eps, and a position embedding of that size would drown their content
+        self.merge_ln = nn.LayerNorm(dm)
         self.max_groups = math.ceil(max_pos / k)
         self.pos = nn.Embedding(self.max_groups + 1, dm, sparse=sparse_embeddings)
         self.cls = nn.Parameter(torch.zeros(dm))
@@ -184,14 +207,14 @@ class LongerModel(SequenceModel):
         self.n_own = 1 if p.global_mask == "causal" else self.n_global
         ffn = p.ffn_dim or 4 * dm
         self.blocks = nn.ModuleList(
-            PreLNBlock(dm, p.heads, ffn, p.dropout) for _ in range(1 + p.n_layers)
+            PreLNBlock(dm, p.heads, ffn, p.dropout, p.null_key) for _ in range(1 + p.n_layers)
         )
         self.final_ln = nn.LayerNorm(dm)
         self.head = MLPHead(self.n_global * dm, p.hidden)
         for part in (self.items, self.side, self.time, self.pos, self.user, self.head):
             if part is not None:
                 init_normal(part, p.init_std)
-        nn.init.normal_(self.cls)  # a unit-scale token, like the normalised inputs
+        nn.init.normal_(self.cls)  # a unit-scale token, like the normalised behaviour tokens
         if self.slot_pos is not None:
             nn.init.normal_(self.slot_pos, std=p.init_std)
         zero_padding_rows(self)
@@ -222,13 +245,15 @@ class LongerModel(SequenceModel):
         # self-causal layers over [shared globals; k sequence queries]
         q_valid = valid[:, -kq:]
         mask = self._mask(self._causal_globals(gs), q_valid, kq)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks[1:], start=1):
             keys, values = block.kv(x)
             state[f"k{i}"], state[f"v{i}"] = keys, values
+            if i == last:  # the sequence's last-layer outputs are never read: globals only
+                x, mask = x[:, :gs], mask[:, :, :gs]
             x = block(x, keys, values, mask)
         state["kvalid1"] = self._key_valid(gs, q_valid)
         state["globals"] = x[:, :gs]  # final states of CLS / user (causal mask)
-        state["sequence"] = x[:, gs:]  # final states of the k sequence queries
         return state
 
     def score(self, state: UserState, batch: Batch) -> Tensor:
@@ -246,20 +271,24 @@ class LongerModel(SequenceModel):
         final = torch.cat((x, shared.unsqueeze(1).expand(-1, x.shape[1], -1, -1)), dim=2)
         return self._head(final, batch)
 
+    @property
+    def user_state_uses_request_time(self) -> bool:
+        """The serving cache must key user states by request time when tokens carry the gap."""
+        return self.time is not None
+
     # -- tokens -------------------------------------------------------------------------------
     @staticmethod
     def request_time(batch: Batch) -> Tensor:
         """[B] the request time: all targets of a request share it, the first is always real."""
         return batch.target_ts[:, 0]
 
-    def behaviour_tokens(self, batch: Batch) -> Tensor:
-        """[B, L, d]: projection of concat(item fields, side fields, time-gap embedding),
-        computed per field on the batch's distinct rows (Linear of a concat = sum of per-field
-        linears), zero on padding."""
+    def _field_rows(self, batch: Batch) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor]]:
+        """Per history field: (distinct rows [U, e], inverse [B, L] or [B, L, W], value mask
+        of multi-valued fields, its block of the token projection [d, e]); the time gap last,
+        its rows being the whole bucket table."""
         p = self.params
-        weight = self.token_proj.weight  # [d, token_in]
-        out = None
-        offset = 0
+        weight = self.token_proj.weight  # [d, token_in]: concat(item, side, time) -> d
+        out, offset = [], 0
         for emb in (self.items, self.side):
             if emb is None:
                 continue
@@ -267,65 +296,115 @@ class LongerModel(SequenceModel):
                 f: dedup(batch.history[f], emb.tables[f].num_embeddings) for f in emb.fields
             }
             for field in emb.history(batch, distinct).fields:
-                w = weight[:, offset : offset + p.embed_dim]
+                block = weight[:, offset : offset + p.embed_dim]
+                out.append((field.rows, field.inverse, field.value_mask, block))
                 offset += p.embed_dim
-                part = HistoryField(field.rows @ w.T, field.inverse, field.value_mask).dense()
-                out = part if out is None else out + part
         if self.time is not None:
             gap = self.request_time(batch).unsqueeze(1) - batch.history_ts
             bucket = log_buckets(gap, p.time_buckets)
             rows = self.time(torch.arange(p.time_buckets, device=gap.device))
-            out = out + gather_rows(rows @ weight[:, offset:].T, bucket)
-        out = self.token_ln(out + self.token_proj.bias)
+            out.append((rows, bucket, None, weight[:, offset:]))
+        return out
+
+    def behaviour_tokens(self, batch: Batch) -> Tensor:
+        """[B, L, d]: projection of concat(item fields, side fields, time-gap embedding),
+        computed per field on the batch's distinct rows (a Linear of a concat is the sum of
+        per-field Linears), zero on padding."""
+        out = self.token_proj.bias
+        for rows, inverse, vmask, block in self._field_rows(batch):
+            out = out + HistoryField(rows @ block.T, inverse, vmask).dense()
         return out * batch.history_mask.unsqueeze(-1).to(out.dtype)
+
+    def _merge(self, x: Tensor, slots: Tensor) -> Tensor:
+        """Groups of K behaviour tokens [N, G, K, d] (slots [N, G, K] True = real, padded
+        tokens already zero) -> merged tokens [N, G, d'] before the LayerNorm."""
+        n, g, k, d = x.shape
+        if self.inner is None:
+            return self.merge_proj(x.reshape(n, g, k * d))
+        pooled = self._inner(x.reshape(n * g, k, d), slots.reshape(n * g, k))
+        return self.merge_proj(pooled.view(n, g, -1))
+
+    def _merge_concat_folded(self, batch: Batch, extra: int, slots: Tensor) -> Tensor:
+        """Concat merge without the [B, L, d] behaviour tokens: merge_proj(concat_s(token_s))
+        = sum over slots s and fields f of (W_s P_f) e_f, so each field's distinct rows are
+        projected once per slot ([U, K, d']) and one embedding_bag per field sums the K slots
+        of every group (weights: 0 on padding, 1/count over the values of multi-valued
+        fields). Same result as `_merge` on `behaviour_tokens`, about half the time."""
+        b, g, k = slots.shape
+        w = self.merge_proj.weight.view(self.dm, k, self.d)  # W_s = w[:, s]
+        slot_of = torch.arange(g * k, device=slots.device) % k  # padded position -> slot
+        real = slots.reshape(b, g * k).to(w.dtype)
+        bias = torch.einsum("msd,d->sm", w, self.token_proj.bias)  # [K, d']: W_s b
+        out = self.merge_proj.bias + slots.to(w.dtype) @ bias
+        for rows, inverse, vmask, block in self._field_rows(batch):
+            per_slot = torch.einsum("ue,de,msd->usm", rows, block, w)  # [U, K, d']
+            pad = (b, extra, *inverse.shape[2:])
+            idx = torch.cat((inverse.new_zeros(pad), inverse), 1) * k
+            weight = real
+            if vmask is not None:  # mean over the values of a multi-valued field
+                vm = torch.cat((vmask.new_zeros(pad), vmask), 1).to(w.dtype)
+                weight = real.unsqueeze(-1) * vm / vm.sum(-1, keepdim=True).clamp_min(1.0)
+                idx = idx + slot_of.view(1, -1, 1)
+            else:
+                idx = idx + slot_of
+            rows_k = per_slot.reshape(-1, self.dm)
+            bags = _BagSum.apply(rows_k, idx.reshape(b * g, -1), weight.reshape(b * g, -1))
+            out = out + bags.view(b, g, self.dm)
+        return out
 
     def sequence_tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Merged tokens [B, L', d'] (L' = ceil(L / K), chronological, groups aligned from the
-        most recent end) with their positions added, and which are real [B, L']."""
+        most recent end), LayerNorm-ed, with their positions added, and which are real."""
         k = self.params.merge_k
-        x = self.behaviour_tokens(batch)
         mask = batch.history_mask
-        b, length, d = x.shape
+        b, length = mask.shape
         extra = (-length) % k if length else k
-        if extra:
-            x = torch.cat((x.new_zeros(b, extra, d), x), dim=1)
-            mask = torch.cat((mask.new_zeros(b, extra), mask), dim=1)
-        groups = x.shape[1] // k
+        mask = torch.cat((mask.new_zeros(b, extra), mask), dim=1)
+        groups = mask.shape[1] // k
         slots = mask.view(b, groups, k)
-        valid = slots.any(-1)
         if self.inner is None:
-            merged = self.merge_proj(x.reshape(b, groups, k * d))
+            merged = self._merge_concat_folded(batch, extra, slots)
         else:
-            merged = self.merge_proj(self._inner(x.view(b * groups, k, d), slots))
-        positions = relative_positions(groups, x.device, self.max_groups)
-        return merged + self.pos(positions).to(merged.dtype), valid
+            x = self.behaviour_tokens(batch)
+            x = torch.cat((x.new_zeros(b, extra, x.shape[-1]), x), dim=1)
+            merged = self._merge(x.view(b, groups, k, -1), slots)
+        positions = relative_positions(groups, mask.device, self.max_groups)
+        return self.merge_ln(merged) + self.pos(positions).to(merged.dtype), slots.any(-1)
 
-    def _inner(self, x: Tensor, slots: Tensor) -> Tensor:
-        """InnerTrans: one block over the K tokens of each group [G, K, d] -> pooled."""
+    def _inner(self, x: Tensor, slot_mask: Tensor) -> Tensor:
+        """InnerTrans: one block over the K tokens of each group [G, K, d] -> [G, K*d | d]."""
         g, k, d = x.shape
-        slot_mask = slots.reshape(g, k)
         x = x + self.slot_pos.to(x.dtype)
         eye = torch.eye(k, dtype=torch.bool, device=x.device)
         attend = (slot_mask[:, None, None, :] | eye).expand(g, 1, k, k)
         keys, values = self.inner.kv(x)
         y = self.inner(x, keys, values, attend) * slot_mask.unsqueeze(-1).to(x.dtype)
         if self.params.inner_pool == "flatten":
-            return y.reshape(-1, slots.shape[1], k * d)
+            return y.reshape(g, k * d)
         w = slot_mask.unsqueeze(-1).to(y.dtype)
-        pooled = (y * w).sum(1) / w.sum(1).clamp_min(1.0)
-        return pooled.view(-1, slots.shape[1], d)
-
-    def _time_target(self, like: Tensor) -> Tensor | None:
-        if self.time is None:
-            return None
-        zero = torch.zeros(like.shape[:-1], dtype=torch.long, device=like.device)
-        return self.time(zero).to(like.dtype)
+        return (y * w).sum(1) / w.sum(1).clamp_min(1.0)
 
     def candidate_tokens(self, batch: Batch) -> Tensor:
-        """[B, M, d']: target fields (+ the bucket-0 time embedding), projected."""
-        t = torch.cat(self.items.target(batch).fields, dim=-1)
-        time = self._time_target(t)
-        return self.cand_ln(self.cand_proj(t if time is None else torch.cat((t, time), dim=-1)))
+        """[B, M, d']: the candidate embedded exactly like a behaviour (item fields, no event
+        fields, time-gap bucket 0, the same projection) and merged as a group holding only the
+        candidate in its most recent slot, plus position 0: the candidate lives in the space of
+        the merged sequence tokens [INFER]."""
+        p = self.params
+        weight = self.token_proj.weight
+        token = self.token_proj.bias
+        for i, e in enumerate(self.items.target(batch).fields):
+            token = token + e @ weight[:, i * p.embed_dim : (i + 1) * p.embed_dim].T
+        if self.time is not None:
+            zero = torch.zeros(1, dtype=torch.long, device=weight.device)
+            token = token + self.time(zero)[0] @ weight[:, -p.time_dim :].T
+        b, m, d = token.shape
+        k = p.merge_k
+        group = torch.cat((token.new_zeros(b, m, k - 1, d), token.unsqueeze(2)), dim=2)
+        slots = torch.zeros(k, dtype=torch.bool, device=token.device)
+        slots[-1] = True
+        merged = self.merge_ln(self._merge(group, slots.expand(b, m, k)))
+        zero = torch.zeros(1, dtype=torch.long, device=token.device)
+        return merged + self.pos(zero)[0].to(merged.dtype)
 
     def _shared_globals(self, state: UserState, like: Tensor) -> Tensor:
         """[B, gs, d'] candidate-independent global tokens (CLS, user) under the causal mask;

@@ -10,7 +10,7 @@ request (request-level batching, SPEC §7.3) and by all layers.
     q^(1) = LN(SwiGLU^(1)(x_t))
     o^(i) = MHCrossAttn^(i)(q^(i), X̃)     (single query per target, re-associated kernel)
     q^(i+1) = LN(SwiGLU^(i+1)([o^(1) ‖ … ‖ o^(i) ‖ x_t] W_C^(i+1)))          (query fusion)
-    z    = SwiGLU([o^(1) ‖ … ‖ o^(M) ‖ x_t] W_Z)                              (no LayerNorm)
+    z    = SwiGLU([o^(1) ‖ … ‖ o^(n) ‖ x_t] W_Z)        n = `layers`         (no LayerNorm)
     ŷ    = MLP([z ‖ x_t])
 
 Design choices beyond the paper ([INFER], each a parameter):
@@ -25,7 +25,8 @@ Design choices beyond the paper ([INFER], each a parameter):
   (`nn.temporal.log_buckets`) embedding of τ_req − τ_j concatenated to the fields before W_in;
   the target takes bucket 0. τ_req is the request time, taken as the latest real target time of
   the row (the targets of one request share it), so the history transform still depends on no
-  target, only on the request's time. A cached user state is then valid for one request time.
+  target, only on the request's time. A cached user state (serving) is then valid for one
+  request time only: with `time_delta` the cache key must include it.
 * History transform: one token-wise stack shared by all layers (SPEC default);
   `history_per_layer` gives each layer its own stack on X (the other reading of the paper).
   No residual inside the stack (the paper's X̃ = LN(SwiGLU(X))).
@@ -33,14 +34,23 @@ Design choices beyond the paper ([INFER], each a parameter):
   SPEC §7.4): order enters only through the optional time delta.
 * Read-out: the paper's mixer (RankMixer over z, user and candidate tokens) is replaced by
   DARE's BN-MLP head on [z ‖ x_t] (`head_target=False`: z only).
-* Init: embedding tables N(0, init_std) with zero padding rows; every linear layer keeps
-  PyTorch's default (Kaiming-uniform) init; LayerNorms start at (1, 0).
+* Init: embedding tables N(0, init_std) with zero padding rows; the read-out (W_Z, its SwiGLU),
+  the MLP head and the LayerNorms keep PyTorch's defaults; every other linear weight (W_in,
+  the history and query SwiGLUs, W_C) starts at `init_gain` x PyTorch's default
+  (Kaiming-uniform), the attention's at sqrt(init_gain) (scores are bilinear in W_Q, W_K).
+  Those weights feed a LayerNorm, so their scale hardly changes the function, but Adam's steps
+  are absolute, so larger weights take smaller relative steps. With gain 1 the model needs
+  lr ~0.002: at DARE's lr 0.01 the attention logits grew to ~150 and training stalled
+  (held-out AUC 0.48-0.74 on the model tests' category task, seeds 0-2). With gain 8 it learns
+  that task at lr 0.01 (AUC 0.967-0.999, seeds 0-6).
 
 Speed (see `encode_user`): with `token_dedup` the history stack runs on the batch's distinct
 tokens only (the same ids, and time bucket if any, give the same token, so X̃ is computed once
 per distinct token and gathered back to [B, L, d]); this is exact, and skipped when fewer than
 half the tokens repeat. `checkpoint` recomputes the history stack in the backward pass
-(activation checkpointing) instead of keeping its [N, 2rd] intermediates. `kernel="plain"`
+(activation checkpointing, in segments of `checkpoint_tokens` tokens) instead of keeping its
+[N, 2rd] intermediates: the peak memory of a training step then no longer grows with the
+stack's width (one segment's intermediates at a time), for ~1/3 more history-FFN FLOPs. `kernel="plain"`
 materialises K and V (the reference form, nn.cross_attention).
 """
 
@@ -74,7 +84,6 @@ class StcaParams:
     heads: int = 4  # d must be divisible by it
     ratio: float = 2.0  # SwiGLU hidden width r·d
     history_ffn_depth: int = 2  # LN(SwiGLU) layers of the history transform
-    history_residual: bool = False
     history_per_layer: bool = False  # one history transform per layer (on X) instead of shared
     query_fusion: bool = True  # q^(i+1) from [o^(1..i) ‖ x_t] W_C (else from o^(i) alone)
     time_delta: bool = False  # request-time − behaviour-time bucket embedding in the tokens
@@ -82,12 +91,12 @@ class StcaParams:
     token_norm: bool = True  # LayerNorm on the projected tokens
     kernel: str = "reassociated"  # reassociated (K, V never built) | plain (reference)
     checkpoint: bool = False  # recompute the history transform in backward (saves memory)
+    checkpoint_tokens: int = 32768  # tokens per checkpointed segment (bounds the peak memory)
     token_dedup: bool = True  # run the history transform on distinct tokens only (exact)
     head_target: bool = True  # head input [z ‖ x_t] (else z)
-    head_tr: bool = False
-    attn_norm: bool = False
     hidden: tuple[int, ...] = (200, 80)  # MLP head widths
     init_std: float = 0.05  # embedding tables N(0, init_std)
+    init_gain: float = 8.0  # linear weights before a LayerNorm: gain x PyTorch's init (see above)
 
 
 @dataclass
@@ -129,25 +138,33 @@ class StcaModel(SequenceModel):
         self.token_norm = nn.LayerNorm(d) if p.token_norm else nn.Identity()
         n_stacks = p.layers if p.history_per_layer else 1
         self.history_ffn = nn.ModuleList(
-            SwiGLUStack(d, p.ratio, p.history_ffn_depth, p.history_residual)
-            for _ in range(n_stacks)
+            SwiGLUStack(d, p.ratio, p.history_ffn_depth) for _ in range(n_stacks)
         )
         self.query_ffn = nn.ModuleList(SwiGLU(d, p.ratio) for _ in range(p.layers))
         self.query_norm = nn.ModuleList(nn.LayerNorm(d) for _ in range(p.layers))
-        # W_C^(i+1) ∈ R^{(i+1)d × d} for i = 1..M-1 (query fusion)
+        # W_C^(i+1) ∈ R^{(i+1)d × d} for i = 1..layers-1 (query fusion)
         self.fuse = nn.ModuleList(
             nn.Linear((i + 1) * d, d, bias=False) for i in range(1, p.layers) if p.query_fusion
         )
         self.attn = nn.ModuleList(
-            MultiHeadCrossAttention(d, p.heads, p.kernel, p.attn_norm) for _ in range(p.layers)
+            MultiHeadCrossAttention(d, p.heads, p.kernel) for _ in range(p.layers)
         )
         self.readout_in = nn.Linear((p.layers + 1) * d, d, bias=False)  # W_Z
         self.readout = SwiGLU(d, p.ratio)
-        self.head = MLPHead((2 * d if p.head_target else d) + (d if p.head_tr else 0), p.hidden)
+        self.head = MLPHead(2 * d if p.head_target else d, p.hidden)
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if isinstance(module, nn.Linear) and not name.startswith(("head.", "readout")):
+                    module.weight.mul_(p.init_gain ** (0.5 if name.startswith("attn.") else 1.0))
         init_normal(self.tables, p.init_std)
         if self.time is not None:
             nn.init.normal_(self.time.weight, std=p.init_std)
         zero_padding_rows(self)
+
+    @property
+    def user_state_uses_request_time(self) -> bool:
+        """The serving cache must key user states by request time when tokens carry the gap."""
+        return self.params.time_delta
 
     # -- tokens ---------------------------------------------------------------------------
     def _field_weights(self) -> list[Tensor]:
@@ -157,14 +174,13 @@ class StcaModel(SequenceModel):
         return list(self.proj.weight.split([e] * n, dim=1))
 
     def _request_time(self, batch: Batch) -> Tensor:
-        """[B] latest real target time of each row (the request time)."""
-        ts = batch.target_ts.masked_fill(~batch.target_mask, torch.iinfo(torch.int64).min)
-        return ts.max(dim=1).values
+        """[B] latest real target time of each row (the request time; 0 without targets)."""
+        return batch.target_ts.masked_fill(~batch.target_mask, 0).max(dim=1).values
 
     def _history_parts(self, batch: Batch) -> list[_Part]:
         weights = self._field_weights()
         parts = []
-        for f, w in zip(self.fields, weights, strict=False):
+        for f, w in zip(self.fields, weights[: len(self.fields)], strict=True):
             table = self.tables.tables[f]
             ids = batch.history[f]
             uniq, inverse = dedup(ids, table.num_embeddings)
@@ -249,20 +265,33 @@ class StcaModel(SequenceModel):
         state: UserState = {"mask": batch.history_mask}
         for i, stack in enumerate(self.history_ffn):
             if self.params.checkpoint and torch.is_grad_enabled():
-                h = checkpoint(stack, x, use_reentrant=False)
+                h = self._checkpointed(stack, x)
             else:
                 h = stack(x)
             state[f"history_{i}"] = gather_rows(h, token) if distinct is not None else h
         return state
 
+    def _checkpointed(self, stack: nn.Module, x: Tensor) -> Tensor:
+        """The token-wise stack on segments of `checkpoint_tokens` tokens, each recomputed in
+        the backward pass: only the segments' inputs and the output are kept, and the backward
+        rebuilds one segment's intermediates at a time (exact: the stack is token-wise)."""
+        flat = x.reshape(-1, x.shape[-1])
+        chunks = flat.split(max(1, self.params.checkpoint_tokens))
+        out = [checkpoint(stack, c, use_reentrant=False) for c in chunks]
+        return (out[0] if len(out) == 1 else torch.cat(out)).view(*x.shape[:-1], -1)
+
     def score(self, state: UserState, batch: Batch) -> Tensor:
         return self._run(state, batch)[0]
 
     def search_scores(self, batch: Batch) -> Tensor:
-        """First layer's attention scores, mean over heads [B, M, L]."""
-        return self._run(self.encode_user(batch), batch)[1].mean(dim=2)
+        """First layer's attention scores, mean over heads [B, M, L] (0 on padding)."""
+        scores = self._run(self.encode_user(batch), batch, want_scores=True)[1]
+        mask = batch.history_mask[:, None, None, :]
+        return scores.masked_fill(~mask, 0.0).mean(dim=2)
 
-    def _run(self, state: UserState, batch: Batch) -> tuple[Tensor, Tensor]:
+    def _run(
+        self, state: UserState, batch: Batch, want_scores: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         p = self.params
         x_t = self._target_tokens(batch)
         mask = state["mask"]
@@ -271,8 +300,13 @@ class StcaModel(SequenceModel):
         outs: list[Tensor] = []
         first_scores = None
         for i, attn in enumerate(self.attn):
-            o, scores = attn.attend(q, state[f"history_{min(i, last_stack)}"], mask)
-            if first_scores is None:
+            o, scores = attn.attend(
+                q,
+                state[f"history_{min(i, last_stack)}"],
+                mask,
+                return_scores=want_scores and i == 0,
+            )
+            if i == 0:
                 first_scores = scores
             outs.append(o)
             if i + 1 < p.layers:
@@ -280,6 +314,4 @@ class StcaModel(SequenceModel):
                 q = self.query_norm[i + 1](self.query_ffn[i + 1](fused))
         z = self.readout(self.readout_in(torch.cat([*outs, x_t], dim=-1)))
         head_in = torch.cat((z, x_t), dim=-1) if p.head_target else z
-        if p.head_tr:
-            head_in = torch.cat((head_in, z * x_t), dim=-1)
         return self.head(head_in, batch.target_mask), first_scores
