@@ -28,7 +28,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from longrec.data.schema import UNSEEN
 from longrec.data.vocab import load_vocab
@@ -37,8 +37,19 @@ from longrec.serve.ranker import Ranker, RankTimings
 
 MAX_TS = 2**40  # unix seconds; anything larger is not a time
 
+
+def _id_bytes(value: str) -> str:
+    """The history store keys users by their UTF-8 bytes: bounded, and NUL is its separator."""
+    if len(value.encode("utf-8")) > 256:
+        raise ValueError("id must be at most 256 bytes of UTF-8")
+    return value
+
+
 Id = Annotated[
-    Annotated[str, Field(min_length=1, max_length=256)] | int,
+    Annotated[
+        str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]+$"), AfterValidator(_id_bytes)
+    ]
+    | int,
     Field(description="raw id as in the training logs"),
 ]
 
