@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 bench_app = typer.Typer(
-    help="Benchmarks: data, train, search (each writes a JSON result).", no_args_is_help=True
+    help="Benchmarks: all (the whole suite), data, train, search, scaling, serve (each writes a JSON result).",
+    no_args_is_help=True,
 )
 RESULTS = Path("benchmarks/results")
 
@@ -183,3 +184,61 @@ def bench_serve_command(
         log=lambda r: print(r, file=sys.stderr),
     )
     _emit("serve", {"rows": rows}, out)
+
+
+@bench_app.command(
+    "all",
+    help="The whole suite on a synthetic dataset it makes; one JSON per benchmark, and the "
+    "generated section of BENCHMARKS.md.\n\n"
+    "Makes (or reuses) a synthetic dataset with long histories under --work, then measures "
+    "loader samples/s, train/infer samples/s per model and length (+ request vs pointwise "
+    "layout), search cost and serving latency: data.json, train.json, search.json and "
+    "serve.json in --out. The text between the lines '<!-- bench all: begin -->' and "
+    "'<!-- bench all: end -->' of --benchmarks-md is replaced by tables of them (the section "
+    "is appended if the markers are missing). A failed benchmark records its error, the others "
+    "still run, and the exit status is 1.\n\n"
+    "Example:  longrec bench all --out benchmarks/results\n\n"
+    "Quick check (tiny sizes, under a minute):  longrec bench all --quick --out /tmp/bench "
+    "--benchmarks-md /tmp/BENCHMARKS.md",
+)
+def bench_all_command(
+    out: Annotated[Path, typer.Option(help="results directory")] = RESULTS,
+    work: Annotated[
+        Path, typer.Option(help="where the synthetic dataset and the tiny runs go (reused)")
+    ] = Path(".cache/bench/suite"),
+    quick: Annotated[bool, typer.Option("--quick", help="tiny sizes (seconds; for tests)")] = False,
+    benchmarks_md: Annotated[
+        Path, typer.Option(help="markdown file whose generated section is replaced")
+    ] = Path("BENCHMARKS.md"),
+    serve: Annotated[bool, typer.Option(help="run the serving benchmark")] = True,
+) -> None:
+    import sys
+
+    from longrec.bench.suite import SuiteConfig, run_suite
+    from longrec.bench.summary import render_summary, update_benchmarks_md
+
+    cfg = SuiteConfig.quick() if quick else SuiteConfig()
+    cfg.serve = serve
+    command = " ".join(
+        [
+            f"longrec bench all --out {out} --work {work}",
+            *(["--quick"] if quick else []),
+            *([] if serve else ["--no-serve"]),
+            f"--benchmarks-md {benchmarks_md}",
+        ]
+    )
+    failed = run_suite(
+        cfg, out, work, log=lambda m: print(m, file=sys.stderr, flush=True), command=command
+    )
+    summary = render_summary(out)
+    try:
+        update_benchmarks_md(benchmarks_md, summary)
+        print(summary)
+        print(f"updated {benchmarks_md}")
+    except (OSError, ValueError) as err:
+        print(summary)
+        print(f"bench all: could not update {benchmarks_md}: {err}", file=sys.stderr)
+        failed.append(f"{benchmarks_md}")
+    if failed:
+        print(f"bench all: failed: {', '.join(failed)}", file=sys.stderr)
+        raise typer.Exit(1)
