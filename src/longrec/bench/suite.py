@@ -35,7 +35,18 @@ class SuiteConfig:
     loader_batch_size: int = 256
     loader_seconds: float = 3.0
     # training / inference samples/s; batch sizes pair with the lengths
-    train_models: tuple[str, ...] = ("din", "dare", "twin", "tin", "stca", "longer")
+    train_models: tuple[str, ...] = (
+        "din",
+        "sim_hard",
+        "eta",
+        "sdim",
+        "twin",
+        "dare",
+        "tin",
+        "stacked_tin",
+        "stca",
+        "longer",
+    )
     train_lengths: tuple[int, ...] = (200, 1000)
     train_batch_sizes: tuple[int, ...] = (2048, 512)
     train_steps: int = 10
@@ -51,7 +62,7 @@ class SuiteConfig:
     hier_targets: tuple[int, ...] = (1, 8)
     # serving latency
     serve: bool = True
-    serve_models: tuple[str, ...] = ("dare", "stca")
+    serve_models: tuple[str, ...] = ("dare", "stacked_tin", "stca", "longer")
     serve_lengths: tuple[int, ...] = (1000, 10000)
     serve_candidates: tuple[int, ...] = (100, 500)
     serve_concurrency: tuple[int, ...] = (1, 4)
