@@ -30,7 +30,7 @@ $L ablate --data "$W/synth-abl" --seeds 3 --out "$R/ablation" --config configs/s
 # issue 02: a synthetic dataset of >= 1M samples
 $L synth --out "$W/synth-1m-raw" --users 52000 --mean-len 300 --max-len 20000 --seed 11 --overwrite --quiet
 $L prepare synth --input "$W/synth-1m-raw" --out "$W/synth-1m" --protocol impressions --overwrite --quiet
-$L compare --data "$W/synth-1m" --models din,twin,dare --seeds 2 --config configs/synthetic.yaml \
+$L compare --data "$W/synth-1m" --models din,twin,dare --seeds 1 --config configs/synthetic.yaml \
   --set train.epochs=1 --set train.batch_size=1024 --set train.eval_every=200 --set data.max_len=200 \
   --out "$R/compare-synth-1m" "${Q[@]}"
 
