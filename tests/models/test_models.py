@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
+from longrec.errors import UserError
 from longrec.models import build_model, describe_models
 from longrec.nn.search import hard_search, topk_search
 
@@ -306,3 +307,19 @@ def test_sim_soft_loss_weights(schema, batch):
     assert aux[1][0] is logits
     hard = _model("sim_hard", schema).train()
     assert hard.forward_train(batch)[1] == []  # hard search: nonparametric GSU, α = 0
+
+
+# -- 7. bad parameters ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("stca", {"history_ffn_depth": 0}, "depth must be >= 1"),
+        ("stca", {"kernel": "fast"}, "kernel must be one of"),
+        ("longer", {"merge": "sum"}, "merge must be one of"),
+    ],
+)
+def test_bad_parameter_values_are_user_errors(name, params, message, schema):
+    """A constructor's parameter check reaches the user as one line naming the model, not as a
+    traceback."""
+    with pytest.raises(UserError, match=f"model '{name}': .*{message}"):
+        build_model(name, schema, params)

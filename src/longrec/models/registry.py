@@ -59,7 +59,10 @@ def build_model(name: str, schema, params: dict[str, Any] | None = None, **conte
         )
     entry = MODELS[name]
     merged = {**entry.preset, **(params or {})}
-    model = entry.cls(schema, entry.cls.make_params(merged), **context)
+    try:
+        model = entry.cls(schema, entry.cls.make_params(merged), **context)
+    except ValueError as err:  # the constructors' parameter checks: a user's config mistake
+        raise UserError(f"model '{name}': {err}") from err
     model.registered_name = name
     return model
 
