@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from longrec.data.batch import Batch
+from longrec.errors import UserError
 from longrec.models import build_model
 from longrec.nn.transformer import split_attention
 
@@ -248,7 +249,7 @@ def test_sparse_embeddings_give_sparse_gradients(schema, batch):
     "params", [{"merge": "sum"}, {"inner_pool": "max"}, {"global_mask": "none"}, {"merge_k": 0}]
 )
 def test_bad_parameters_raise(schema, params):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         build_model("longer", schema, params)
 
 

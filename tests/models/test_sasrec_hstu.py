@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from longrec.data.batch import Batch
+from longrec.errors import UserError
 from longrec.models import build_model
 from longrec.models.hstu import (
     gap_buckets,
@@ -332,7 +333,7 @@ def test_hstu_sparse_embeddings_work_with_sparse_adam():
     [{"rab": "x"}, {"attn_norm": "x"}, {"n_heads": 5}, {"n_layers": 0}, {"time_base": 1.0}],
 )
 def test_hstu_bad_parameters_raise(params):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         _model("hstu", make_schema(), **params)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longrec.errors import UserError
 from longrec.models import build_model
 from longrec.models.stca import StcaModel
 
@@ -231,7 +232,7 @@ def test_options_run(schema, batch, helpers, params):
 
 
 def test_bad_parameters(schema):
-    with pytest.raises(ValueError, match="kernel"):
+    with pytest.raises(UserError, match="kernel"):
         _model(schema, kernel="flash")
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(UserError, match="divisible"):
         _model(schema, dim=10, heads=4)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from longrec.data.batch import Batch
+from longrec.errors import UserError
 from longrec.models import build_model
 from longrec.models.base import DataSchema
 
@@ -281,7 +282,7 @@ def test_sparse_embeddings_work_with_sparse_adam():
     ],
 )
 def test_bad_parameters_raise(params):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         _model(typed_schema(), **params)
 
 
