@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from longrec.nn.cross_attention import (
     MultiHeadCrossAttention,
+    cheaper_kernel,
     cross_attention_plain,
     cross_attention_reassociated,
 )
@@ -152,6 +153,21 @@ def test_module_kernels_agree_and_validate():
         MultiHeadCrossAttention(10, 4)
     with pytest.raises(ValueError, match="kernel"):
         MultiHeadCrossAttention(16, 4, kernel="flash")
+
+
+@pytest.mark.parametrize("targets", [1, 3, 6, 40])
+def test_auto_kernel_picks_the_cheaper_form_with_the_same_result(targets):
+    """d = 16, h = 4: re-associated while M·3 < 16 (M <= 5), plain from M = 6."""
+    assert cheaper_kernel(targets, 4, 16) == ("plain" if targets >= 6 else "reassociated")
+    torch.manual_seed(0)
+    auto = MultiHeadCrossAttention(16, 4)
+    assert auto.kernel == "auto"
+    reference = MultiHeadCrossAttention(16, 4, kernel="reassociated")
+    reference.load_state_dict(auto.state_dict())
+    query, x, mask, _ = _case(2, targets, 9, 4, 4, seed=7, dtype=torch.float32)
+    torch.testing.assert_close(
+        auto(query, x, mask), reference(query, x, mask), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_runs_under_bf16_autocast():

@@ -51,7 +51,9 @@ half the tokens repeat. `checkpoint` recomputes the history stack in the backwar
 (activation checkpointing, in segments of `checkpoint_tokens` tokens) instead of keeping its
 [N, 2rd] intermediates: the peak memory of a training step then no longer grows with the
 stack's width (one segment's intermediates at a time), for ~1/3 more history-FFN FLOPs. `kernel="plain"`
-materialises K and V (the reference form, nn.cross_attention).
+materialises K and V (the reference form, nn.cross_attention); the default `auto` uses the
+re-associated form for a few targets per request (training) and the plain one for many
+(serving 500 candidates: 2.56 -> 0.72 GFLOP per request at L = 10K, d = 64, h = 4).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class StcaParams:
     time_delta: bool = False  # request-time − behaviour-time bucket embedding in the tokens
     time_buckets: int = 64  # log2 buckets of the gap in seconds (bucket 0 = the target)
     token_norm: bool = True  # LayerNorm on the projected tokens
-    kernel: str = "reassociated"  # reassociated (K, V never built) | plain (reference)
+    kernel: str = "auto"  # auto (cheaper per call) | reassociated (K, V never built) | plain
     checkpoint: bool = False  # recompute the history transform in backward (saves memory)
     checkpoint_tokens: int = 32768  # tokens per checkpointed segment (bounds the peak memory)
     token_dedup: bool = True  # run the history transform on distinct tokens only (exact)

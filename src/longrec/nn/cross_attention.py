@@ -17,6 +17,8 @@ Every target m of a request is one query attending over the request's history X 
   (any M with one head), and it never builds an L-sized tensor wider than M·h. For larger M
   (serving hundreds of candidates) `plain` is the cheaper form, and its K and V depend on the
   user only.
+* `auto` (the default) picks the cheaper of the two per call from M, h and d
+  (`cheaper_kernel`); both give the same result.
 
 Weights follow nn.Linear (W [out, in], y = x Wᵀ); the projections have no bias (a key bias adds
 a per-query constant that softmax cancels; a value bias would not vanish for an empty history).
@@ -33,20 +35,45 @@ from torch import Tensor, nn
 
 from longrec.nn.attention import masked_fill_scores, masked_softmax
 
-KERNELS = ("reassociated", "plain")
+KERNELS = ("auto", "reassociated", "plain")
+
+
+def cheaper_kernel(targets: int, heads: int, dim: int) -> str:
+    """The form with fewer multiply-adds for `targets` queries per history (see above): the
+    re-associated one while M·(h − 1) < d (training: a few targets per request), the plain one
+    beyond (serving hundreds of candidates against one history)."""
+    return "plain" if targets * (heads - 1) >= dim else "reassociated"
 
 
 def cross_attention_plain(
-    query: Tensor, x: Tensor, mask: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, heads: int
-) -> tuple[Tensor, Tensor]:
+    query: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    heads: int,
+    return_scores: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """query [B, M, d], x [B, L, d], mask [B, L] -> (heads concatenated before W_O [B, M, d],
     scaled scores [B, M, h, L], padding set to finfo.min / 2). The reference form: K and V
-    materialised, `nn.attention.masked_softmax`."""
+    materialised, `nn.attention.masked_softmax`. Without `return_scores` the per-head
+    attention runs fused (`F.scaled_dot_product_attention`: no [B, M, h, L] tensor), which is
+    what makes this form fast for hundreds of candidates."""
     b, m, d = query.shape
     dh = d // heads
     q = (query @ w_q.T).view(b, m, heads, dh)
     k = (x @ w_k.T).view(b, -1, heads, dh)
     v = (x @ w_v.T).view(b, -1, heads, dh)
+    if not return_scores and x.shape[1] > 0:
+        keep = None if bool(mask.all()) else mask.any(dim=1)
+        attn_mask = None if keep is None else (mask | ~keep.unsqueeze(1))[:, None, None, :]
+        pooled = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+        ).transpose(1, 2)
+        if keep is not None:  # a history without real behaviours pools to zero
+            pooled = pooled * keep.view(b, 1, 1, 1).to(pooled.dtype)
+        return pooled.reshape(b, m, d), None
     scores = torch.einsum("bmhe,blhe->bmhl", q, k) / math.sqrt(dh)
     mask = mask[:, None, None, :].expand_as(scores)
     alpha = masked_softmax(scores, mask)
@@ -124,7 +151,7 @@ def _pool_fused(u: Tensor, x: Tensor, mask: Tensor) -> Tensor:
 class MultiHeadCrossAttention(nn.Module):
     """o = MHCrossAttn(q, X): queries [B, M, d] against a shared history [B, L, d] -> [B, M, d]."""
 
-    def __init__(self, dim: int, heads: int, kernel: str = "reassociated"):
+    def __init__(self, dim: int, heads: int, kernel: str = "auto"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by {heads} heads")
@@ -140,10 +167,15 @@ class MultiHeadCrossAttention(nn.Module):
         self, query: Tensor, x: Tensor, mask: Tensor, return_scores: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """(output [B, M, d], scaled pre-softmax scores [B, M, h, L] or None unless
-        `return_scores` (the plain kernel always has them))."""
+        `return_scores`)."""
         weights = (self.q.weight, self.k.weight, self.v.weight)
-        if self.kernel == "plain":
-            pooled, scores = cross_attention_plain(query, x, mask, *weights, self.heads)
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = cheaper_kernel(query.shape[1], self.heads, query.shape[-1])
+        if kernel == "plain":
+            pooled, scores = cross_attention_plain(
+                query, x, mask, *weights, self.heads, return_scores=return_scores
+            )
         else:
             pooled, scores = cross_attention_reassociated(
                 query, x, mask, *weights, self.heads, return_scores=return_scores
