@@ -62,7 +62,9 @@ class SuiteConfig:
     hier_targets: tuple[int, ...] = (1, 8)
     # serving latency
     serve: bool = True
-    serve_models: tuple[str, ...] = ("dare", "stacked_tin", "stca", "longer")
+    # Stacked TIN is left out: ~15 s per request at 10K x 500 would take the suite past an hour
+    # (`longrec bench serve --models stacked_tin` measures it on its own)
+    serve_models: tuple[str, ...] = ("dare", "stca", "longer")
     serve_lengths: tuple[int, ...] = (1000, 10000)
     serve_candidates: tuple[int, ...] = (100, 500)
     serve_concurrency: tuple[int, ...] = (1, 4)
