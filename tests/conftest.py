@@ -10,10 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TAOBAO_SAMPLE = REPO_ROOT / "examples" / "data" / "taobao" / "UserBehavior_head.csv"
 MOVIELENS_DIR = REPO_ROOT / "examples" / "data" / "movielens" / "ml-latest-small"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead, and oversubscribe a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

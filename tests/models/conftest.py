@@ -227,12 +227,8 @@ def _item_of(cat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and oversubscribe a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every model test runs single-threaded (tests/conftest.py: `one_thread`)."""
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "genres"])

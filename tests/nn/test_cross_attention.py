@@ -22,13 +22,7 @@ from longrec.nn.cross_attention import (
 )
 from longrec.nn.ffn import SwiGLU, SwiGLUStack
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _case(b, m, length, heads, dh, seed, dtype, empty_row=True):

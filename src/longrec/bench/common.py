@@ -12,6 +12,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
 
 def machine() -> dict:
     cpu = platform.processor()
@@ -48,6 +50,24 @@ def write_result(out_dir: Path, name: str, result: dict) -> Path:
     tmp.write_text(json.dumps(body, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def call_seconds(fn, args: tuple, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of fn(*args), sorted, after one untimed warm-up call
+    (allocation, kernel selection), without autograd."""
+    with torch.no_grad():
+        fn(*args)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)
+
+
+def median_ms(fn, args: tuple, repeats: int) -> float:
+    times = call_seconds(fn, args, repeats)
+    return round(1000 * times[len(times) // 2], 2)
 
 
 def run_measured(cmd: list[str]) -> dict:

@@ -6,13 +6,13 @@ histories over a category taxonomy (8 -> 64 -> 768 categories for 3 levels)."""
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
-from longrec.nn.attention import dot_scores
+from longrec.bench.common import median_ms
+from longrec.bench.search import soft_search
 from longrec.nn.hier_search import hierarchical_hard_search, per_level_hard_search
-from longrec.nn.search import hard_search, topk_search
+from longrec.nn.search import hard_search
 
 
 def taxonomy_fans(levels: int) -> list[int]:
@@ -70,21 +70,6 @@ def default_quotas(levels: int, k: int) -> list[int]:
     return [*share, finest]
 
 
-def _median_ms(fn, args: tuple, repeats: int) -> float:
-    with torch.no_grad():
-        fn(*args)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - t0)
-    return round(1000 * sorted(times)[len(times) // 2], 2)
-
-
-def _soft_topk(query, keys, mask, k):
-    return topk_search(dot_scores(query, keys), mask, k)
-
-
 def bench_hier_search(
     batch: int = 256,
     lengths=(1000, 10000),
@@ -123,17 +108,17 @@ def bench_hier_search(
                     "quotas": quotas,
                     "threads": torch.get_num_threads(),
                     "match_share": [round(float(x), 4) for x in share],
-                    "merged_ms": _median_ms(
+                    "merged_ms": median_ms(
                         hierarchical_hard_search, (history, target, mask, quotas, k), repeats
                     ),
-                    "per_level_ms": _median_ms(
+                    "per_level_ms": median_ms(
                         per_level_hard_search, (history, target, mask, quotas), repeats
                     ),
-                    "hard_search_ms": _median_ms(
+                    "hard_search_ms": median_ms(
                         hard_search, (history[-1], target[-1], mask, k), repeats
                     ),
-                    f"soft_topk_d{soft_dim}_ms": _median_ms(
-                        _soft_topk, (query, keys, mask, k), repeats
+                    f"soft_topk_d{soft_dim}_ms": median_ms(
+                        soft_search, (query, keys, mask, k), repeats
                     ),
                 }
             )

@@ -4,19 +4,13 @@ a datasheet, so "efficiency" means a fraction of what this machine really does."
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from longrec.bench.common import call_seconds
 
 
 def _best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocation, kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return call_seconds(fn, (), repeats)[0]
 
 
 def gemm_flops(n: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:

@@ -3,12 +3,16 @@ behaviour with attention embeddings and taking the top k, timed at d_A = 128, 64
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from longrec.bench.common import median_ms
 from longrec.nn.attention import dot_scores
 from longrec.nn.search import topk_search
+
+
+def soft_search(query, keys, mask, top_k):
+    """The soft search stage alone: dot-product scores over the history, then top-k."""
+    return topk_search(dot_scores(query, keys), mask, top_k)
 
 
 def bench_search_dims(
@@ -27,14 +31,7 @@ def bench_search_dims(
             keys = torch.randn(batch, length, d, generator=g)
             query = torch.randn(batch, 1, d, generator=g)
             mask = torch.ones(batch, length, dtype=torch.bool)
-            with torch.no_grad():
-                topk_search(dot_scores(query, keys), mask, top_k)
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    topk_search(dot_scores(query, keys), mask, top_k)
-                    times.append(time.perf_counter() - t0)
-            ms = 1000 * sorted(times)[len(times) // 2]
+            ms = median_ms(soft_search, (query, keys, mask, top_k), repeats)
             base = base or ms
             rows.append(
                 {

@@ -66,14 +66,11 @@ def cross_attention_plain(
     k = (x @ w_k.T).view(b, -1, heads, dh)
     v = (x @ w_v.T).view(b, -1, heads, dh)
     if not return_scores and x.shape[1] > 0:
-        keep = None if bool(mask.all()) else mask.any(dim=1)
-        attn_mask = None if keep is None else (mask | ~keep.unsqueeze(1))[:, None, None, :]
+        attn_mask, keep = _fused_mask(mask)
         pooled = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
         ).transpose(1, 2)
-        if keep is not None:  # a history without real behaviours pools to zero
-            pooled = pooled * keep.view(b, 1, 1, 1).to(pooled.dtype)
-        return pooled.reshape(b, m, d), None
+        return _zero_empty(pooled, keep).reshape(b, m, d), None
     scores = torch.einsum("bmhe,blhe->bmhl", q, k) / math.sqrt(dh)
     mask = mask[:, None, None, :].expand_as(scores)
     alpha = masked_softmax(scores, mask)
@@ -132,20 +129,31 @@ def _pool_explicit(u: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return pooled, scores
 
 
-def _pool_fused(u: Tensor, x: Tensor, mask: Tensor) -> Tensor:
-    """softmax(u Xᵀ) X [B, R, d] in one fused attention call (no [B, R, L] tensor). A history
-    without real behaviours attends to all its (padding) slots, to stay finite, then is zeroed."""
-    b, length = mask.shape
+def _fused_mask(mask: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """SDPA mask [B, 1, 1, L] for a history mask [B, L] (None when nothing is padded), and
+    which rows have a real behaviour [B] (None likewise). A history without any attends to all
+    its (padding) slots, to stay finite; `_zero_empty` then zeroes its output."""
     if bool(mask.all()):
-        attn_mask, keep = None, None
-    else:
-        keep = mask.any(dim=1)
-        attn_mask = (mask | ~keep.unsqueeze(1)).view(b, 1, 1, length)
+        return None, None
+    keep = mask.any(dim=1)
+    return (mask | ~keep.unsqueeze(1))[:, None, None, :], keep
+
+
+def _zero_empty(pooled: Tensor, keep: Tensor | None) -> Tensor:
+    """Rows of pooled [B, ...] whose history had no real behaviour set to zero."""
+    if keep is None:
+        return pooled
+    return pooled * keep.view(-1, *[1] * (pooled.dim() - 1)).to(pooled.dtype)
+
+
+def _pool_fused(u: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+    """softmax(u Xᵀ) X [B, R, d] in one fused attention call (no [B, R, L] tensor)."""
+    attn_mask, keep = _fused_mask(mask)
     xs = x.unsqueeze(1)
     pooled = F.scaled_dot_product_attention(
         u.unsqueeze(1), xs, xs, attn_mask=attn_mask, scale=1.0
     ).squeeze(1)
-    return pooled if keep is None else pooled * keep.view(b, 1, 1).to(pooled.dtype)
+    return _zero_empty(pooled, keep)
 
 
 class MultiHeadCrossAttention(nn.Module):
