@@ -9,6 +9,7 @@ request per candidate.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -126,6 +127,7 @@ def bench_serve(
     concurrency=(1, 4, 16),
     requests: int = 40,
     log=print,
+    micro_batches=(8,),
 ) -> list[dict]:
     ensure_history(dataset, history_url)
     ds = PreparedDataset(dataset)
@@ -134,8 +136,9 @@ def bench_serve(
     for model, run in runs.items():
         for length in lengths:
             users = long_users(dataset, length, 64)
-            for cache in ("cold", "warm"):
+            for micro_batch, cache in itertools.product(micro_batches, ("cold", "warm")):
                 config = RankerConfig(
+                    micro_batch=micro_batch,
                     max_len=length,
                     cache_bytes=0 if cache == "cold" else 1 << 30,
                     max_candidates=max(candidates),
@@ -154,11 +157,12 @@ def bench_serve(
                                 "candidates": m,
                                 "concurrency": c,
                                 "cache": cache,
+                                "micro_batch": micro_batch,
                                 **result,
                             }
                             log(row)
                             rows.append(row)
-                    if cache == "cold":
+                    if cache == "cold" and micro_batch == micro_batches[0]:
                         one = measure(base, users, items, 1, 1, 100)
                         row = {
                             "model": model,
@@ -171,6 +175,7 @@ def bench_serve(
                         }
                         log(row)
                         rows.append(row)
+                ranker.close()
                 store.close()
     return rows
 

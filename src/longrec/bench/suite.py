@@ -69,6 +69,7 @@ class SuiteConfig:
     serve_candidates: tuple[int, ...] = (100, 500)
     serve_concurrency: tuple[int, ...] = (1, 4)
     serve_requests: int = 20
+    serve_micro_batches: tuple[int, ...] = (1, 8)  # 1 = off: the comparison
 
     @classmethod
     def quick(cls) -> SuiteConfig:
@@ -98,6 +99,7 @@ class SuiteConfig:
             serve_candidates=(20,),
             serve_concurrency=(1,),
             serve_requests=3,
+            serve_micro_batches=(8,),
         )
 
     def dataset_key(self) -> dict:
@@ -212,6 +214,7 @@ def _serve(cfg: SuiteConfig, data: Path, work_dir: Path, log) -> dict:
         cfg.serve_concurrency,
         cfg.serve_requests,
         log=lambda r: log(f"serve: {r}"),
+        micro_batches=cfg.serve_micro_batches,
     )
     return {"rows": rows}
 

@@ -160,9 +160,17 @@ def _serve(r: dict) -> list[str]:
     rows = r.get("rows", [])
     grid = [x for x in rows if "one_at_a_time_ms_for_500" not in x]
     by = {
-        (x["model"], x["history"], x["candidates"], x["concurrency"], x["cache"]): x for x in grid
+        (
+            x["model"],
+            x["history"],
+            x["candidates"],
+            x["concurrency"],
+            x.get("micro_batch", 1),
+            x["cache"],
+        ): x
+        for x in grid
     }
-    keys = list(dict.fromkeys(k[:4] for k in by))
+    keys = list(dict.fromkeys(k[:5] for k in by))
     table = []
     for k in keys:
         cold, warm = by.get((*k, "cold"), {}), by.get((*k, "warm"), {})
@@ -172,16 +180,29 @@ def _serve(r: dict) -> list[str]:
                 _n(k[1]),
                 _n(k[2]),
                 k[3],
+                k[4],
                 f"{_n(cold.get('p50_ms'))} / {_n(cold.get('p99_ms'))}",
+                _n(cold.get("requests_per_s")),
                 f"{_n(warm.get('p50_ms'))} / {_n(warm.get('p99_ms'))}",
-                _n(warm.get("requests_per_s", cold.get("requests_per_s"))),
+                _n(warm.get("requests_per_s")),
             ]
         )
-    header = ["model", "history", "candidates", "clients", "cold p50 / p99", "warm p50 / p99"]
+    header = [
+        "model",
+        "history",
+        "candidates",
+        "clients",
+        "micro-batch",
+        "cold p50 / p99",
+        "cold req/s",
+        "warm p50 / p99",
+        "warm req/s",
+    ]
     lines = [
-        "Serving, POST /v1/rank latency in ms (cold: user state not cached; warm: cached):",
+        "Serving, POST /v1/rank latency in ms (cold: user state not cached; warm: cached; "
+        "micro-batch: concurrent requests per forward, 1 = off):",
         "",
-        *_table([*header, "warm req/s"], table, "lrrrrrr"),
+        *_table(header, table, "lrrrrrrrr"),
     ]
     one = [x for x in rows if "one_at_a_time_ms_for_500" in x]
     if one:

@@ -162,6 +162,9 @@ def bench_serve_command(
     candidates: Annotated[str, typer.Option(help="candidates per request")] = "100,500,1000",
     concurrency: Annotated[str, typer.Option(help="concurrent clients")] = "1,4,16",
     requests: Annotated[int, typer.Option(help="requests per configuration")] = 40,
+    micro_batch: Annotated[
+        str, typer.Option(help="micro-batch sizes to compare (1 = off)")
+    ] = "1,8",
     work: Annotated[Path, typer.Option(help="where tiny runs and the history store go")] = Path(
         ".cache/bench/serve"
     ),
@@ -182,6 +185,7 @@ def bench_serve_command(
         [int(x) for x in concurrency.split(",")],
         requests,
         log=lambda r: print(r, file=sys.stderr),
+        micro_batches=tuple(int(x) for x in micro_batch.split(",")),
     )
     _emit("serve", {"rows": rows}, out)
 

@@ -34,6 +34,12 @@ def serve_command(
     max_body_bytes: Annotated[int, typer.Option(help="request body limit")] = 1 << 20,
     cache_mb: Annotated[int, typer.Option(help="user-state cache bound")] = 512,
     bf16: Annotated[bool, typer.Option(help="bf16 scoring if within tolerance")] = False,
+    micro_batch: Annotated[
+        int, typer.Option(help="concurrent requests run as one forward pass (1 = off)")
+    ] = 8,
+    micro_batch_wait_ms: Annotated[
+        float, typer.Option(help="how long a forward waits for more requests")
+    ] = 0.0,
     token_env: Annotated[
         str, typer.Option(help="env var holding an optional bearer token")
     ] = "LONGREC_TOKEN",
@@ -49,8 +55,15 @@ def serve_command(
     from longrec.serve.app import create_app
     from longrec.serve.ranker import Ranker, RankerConfig
 
+    if micro_batch < 1 or micro_batch_wait_ms < 0:
+        raise UserError("--micro-batch must be >= 1 and --micro-batch-wait-ms >= 0")
     config = RankerConfig(
-        max_len=max_len, max_candidates=max_candidates, cache_bytes=cache_mb << 20, bf16=bf16
+        max_len=max_len,
+        max_candidates=max_candidates,
+        cache_bytes=cache_mb << 20,
+        bf16=bf16,
+        micro_batch=micro_batch,
+        micro_batch_wait_ms=micro_batch_wait_ms,
     )
     ranker = Ranker.from_run(run, history=history, data=data, config=config)
     app = create_app(ranker, token=os.environ.get(token_env) or None, max_body_bytes=max_body_bytes)

@@ -152,6 +152,12 @@ def create_app(ranker: Ranker, token: str | None = None, max_body_bytes: int = 1
         "longrec_user_cache_hit_ratio", "user-state cache hit ratio", registry=registry
     )
     cache_entries = Gauge("longrec_user_cache_entries", "user states cached", registry=registry)
+    batch_size = Histogram(
+        "longrec_microbatch_requests",
+        "size of the forward pass (micro-batch) each rank request was answered by",
+        registry=registry,
+        buckets=(1, 2, 4, 8, 16, 32),
+    )
     event_encoder = EventEncoder(ranker)
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -197,6 +203,7 @@ def create_app(ranker: Ranker, token: str | None = None, max_body_bytes: int = 1
         scores = ranker.rank(
             str(req.user), [str(c) for c in req.candidates], req.now, req.target_types, timings
         )
+        batch_size.observe(timings.extra.get("batch", 1))
         stats = ranker.cache.stats
         hit_rate.set(stats.hits / max(1, stats.hits + stats.misses))
         cache_entries.set(stats.entries)
