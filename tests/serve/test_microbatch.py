@@ -5,6 +5,7 @@ failing request does not fail its batch-mates."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -162,3 +163,24 @@ def test_a_failing_item_fails_alone_and_a_failing_batch_fails_all():
 def test_micro_batch_must_be_positive():
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(lambda items: items, max_batch=0)
+
+
+def test_the_cost_budget_keeps_large_requests_apart():
+    sizes: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        sizes.append(list(items))
+        return items
+
+    batcher = MicroBatcher(run, max_batch=8, wait_ms=300, cost=lambda i: i, max_cost=10)
+    threads = [threading.Thread(target=batcher.submit, args=(c,)) for c in (4, 4, 4, 20, 1)]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)  # queue them in this order
+    for t in threads:
+        t.join(10)
+    batcher.close()
+    assert sorted(x for batch in sizes for x in batch) == [1, 4, 4, 4, 20]  # none lost
+    assert all(sum(b) <= 10 or len(b) == 1 for b in sizes), sizes
+    assert [20] in sizes  # over budget on its own: still runs, alone
+    assert max(len(b) for b in sizes) > 1

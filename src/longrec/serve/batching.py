@@ -5,7 +5,11 @@ many small, interleaved forwards, each paying the full per-operator dispatch cos
 `MicroBatcher` hands requests to one worker thread instead; the worker takes the request that
 woke it plus every request that arrived while it was busy (up to `max_batch`), optionally
 waiting `wait_ms` for more, and runs them as one B-user forward. Waiting 0 ms (the default)
-adds no latency when the server is idle and batches exactly when requests queue up.
+adds no latency when the server is idle and batches exactly when requests queue up. A cost
+budget (`max_cost`, the ranker's is candidates x history slots) keeps large requests apart:
+batching four 10K-history x 500-candidate DARE requests was measured 0.6x as fast as running
+them one after the other (their [B, M, L] score tensors leave the caches), while small requests
+gain 1.2-3x.
 
 A batched forward encodes B users at once; `split_state` cuts that state back into B
 single-user states so each can enter the user-state cache. States hold per-user tensors
@@ -82,10 +86,19 @@ class MicroBatcher:
     item's error, raised in its caller's thread); an exception escaping `run_batch` fails
     every item of that batch."""
 
-    def __init__(self, run_batch: Callable[[list], list], max_batch: int = 8, wait_ms: float = 0.0):
+    def __init__(
+        self,
+        run_batch: Callable[[list], list],
+        max_batch: int = 8,
+        wait_ms: float = 0.0,
+        cost: Callable[[Any], float] | None = None,
+        max_cost: float | None = None,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_ms / 1e3
+        self.cost, self.max_cost = cost, max_cost
+        self._carry: tuple | None = None  # an item that did not fit the previous batch
         self.stats = BatcherStats()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="longrec-batcher", daemon=True)
@@ -101,8 +114,14 @@ class MicroBatcher:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
+    def _weight(self, entry: tuple) -> float:
+        return 0.0 if self.cost is None else float(self.cost(entry[0]))
+
     def _collect(self, first: tuple) -> list[tuple]:
-        items = [first]
+        """`first` plus what is queued (waiting up to `wait_ms`), up to `max_batch` items and
+        `max_cost`; an item over the cost budget starts the next batch (a single item always
+        runs, whatever its cost)."""
+        items, total = [first], self._weight(first)
         deadline = time.monotonic() + self.wait_s
         while len(items) < self.max_batch:
             remaining = deadline - time.monotonic()
@@ -117,26 +136,36 @@ class MicroBatcher:
             if nxt is None:  # close(): finish this batch, then stop
                 self._queue.put(None)
                 break
+            weight = self._weight(nxt)
+            if self.max_cost is not None and total + weight > self.max_cost:
+                self._carry = nxt
+                break
             items.append(nxt)
+            total += weight
         return items
 
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
+            if self._carry is not None:
+                first, self._carry = self._carry, None
+            else:
+                first = self._queue.get()
             if first is None:
                 return
-            items = self._collect(first)
-            futures = [f for _, f in items]
-            try:
+            items = [first]
+            try:  # nothing may kill this thread: its callers would wait forever
+                items = self._collect(first)
                 results = self.run_batch([item for item, _ in items])
+                if len(results) != len(items):
+                    raise RuntimeError(f"{len(results)} results for {len(items)} requests")
             except BaseException as err:  # delivered to every waiting caller
-                for f in futures:
+                for _, f in items:
                     f.set_exception(err)
                 continue
             self.stats.batches += 1
             self.stats.requests += len(items)
             self.stats.largest = max(self.stats.largest, len(items))
-            for f, result in zip(futures, results, strict=True):
+            for (_, f), result in zip(items, results, strict=True):
                 if isinstance(result, BaseException):
                     f.set_exception(result)
                 else:

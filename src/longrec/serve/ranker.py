@@ -45,6 +45,8 @@ class RankerConfig:
     threads: int | None = None
     micro_batch: int = 8  # concurrent requests run as one forward (1 = off; see serve/batching)
     micro_batch_wait_ms: float = 0.0  # how long the batcher waits for more requests
+    # a forward batches requests while their candidates x history slots sum to at most this
+    micro_batch_max_work: int = 2_000_000
 
 
 @dataclass
@@ -154,7 +156,13 @@ class Ranker:
         self._uses_time = bool(getattr(model, "user_state_uses_request_time", False))
         self.bf16 = self.config.bf16 and self._bf16_within_tolerance()
         self.batcher = (
-            MicroBatcher(self._rank_many, self.config.micro_batch, self.config.micro_batch_wait_ms)
+            MicroBatcher(
+                self._rank_many,
+                self.config.micro_batch,
+                self.config.micro_batch_wait_ms,
+                cost=lambda r: len(r.candidates) * self.max_len,
+                max_cost=self.config.micro_batch_max_work,
+            )
             if self.config.micro_batch > 1
             else None
         )
