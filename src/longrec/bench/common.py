@@ -84,3 +84,18 @@ def run_measured(cmd: list[str]) -> dict:
         "peak_rss_gib": round(max(peak, before) / 2**20, 3),
         "stdout_tail": proc.stdout[-1500:],
     }
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes held by the tensors of a batch-like object (dataclass fields, dicts, tensors)."""
+    import dataclasses
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if dataclasses.is_dataclass(obj):
+        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0

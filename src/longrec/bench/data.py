@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longrec.bench.common import run_measured
+from longrec.bench.common import run_measured, tensor_bytes
 from longrec.data.dataset import PreparedDataset
 from longrec.data.loader import BatchLoader, LoaderConfig
 
@@ -56,7 +56,8 @@ def bench_loader(
     min_batches: int = 10,
     min_seconds: float = 3.0,
 ) -> list[dict]:
-    """Samples/s of batch building (gathers from the memory-mapped store, warm page cache)."""
+    """Samples/s of batch building (gathers from the memory-mapped store, warm page cache),
+    and the bytes/s of the batches it writes, to hold against the machine's copy bandwidth."""
     ds = PreparedDataset(dataset)
     results = []
     for max_len in lengths:
@@ -71,11 +72,12 @@ def bench_loader(
         for r in chunks[:3]:  # warm the page cache and allocator
             loader.make_batch(r)
         samples, batches, t0 = 0, 0, time.perf_counter()
-        history = 0
+        history = written = 0
         while batches < min_batches or time.perf_counter() - t0 < min_seconds:
             b = loader.make_batch(chunks[batches % len(chunks)])
             samples += int(b.target_mask.sum())
             history += int(b.history_mask.sum())
+            written += tensor_bytes(b)
             batches += 1
         dt = time.perf_counter() - t0
         results.append(
@@ -87,6 +89,8 @@ def bench_loader(
                 "samples_per_s": round(samples / dt),
                 "mean_history": round(history / max(samples, 1), 1),
                 "behaviours_per_s": round(history / dt),
+                "batch_bytes_per_sample": round(written / max(samples, 1)),
+                "batch_mb_per_s": round(written / dt / 1e6, 1),
             }
         )
     return results

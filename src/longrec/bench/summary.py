@@ -60,16 +60,32 @@ def _peak(r: dict) -> list[str]:
     ]
 
 
-def _data(r: dict) -> list[str]:
+def _data(r: dict, peak: dict | None = None) -> list[str]:
+    copy = (peak or {}).get("copy_gb_per_s")
+
+    def share(x: dict) -> str:
+        mb = x.get("batch_mb_per_s")
+        return f"{mb / 1e3 / copy:.1%}" if mb is not None and copy else "-"
+
     rows = [
-        [_n(x["max_len"]), _n(x["samples_per_s"]), _n(x["mean_history"])]
+        [
+            _n(x["max_len"]),
+            _n(x["samples_per_s"]),
+            _n(x["mean_history"]),
+            _n(x.get("batch_bytes_per_sample")),
+            _n(x.get("batch_mb_per_s")),
+            share(x),
+        ]
         for x in r.get("loader", [])
     ]
     batch = r["loader"][0]["batch_size"] if r.get("loader") else "?"
     return [
-        f"Loader, samples/s (batch {batch}, pointwise, batch building only):",
+        f"Loader, samples/s (batch {batch}, pointwise, batch building only); bytes of the "
+        "batches it writes, and that rate as a share of the measured copy bandwidth:",
         "",
-        *_table(["history", "samples/s", "mean history"], rows),
+        *_table(
+            ["history", "samples/s", "mean history", "bytes/sample", "MB/s", "of copy bw"], rows
+        ),
     ]
 
 
@@ -240,7 +256,13 @@ def render_summary(out_dir: Path) -> str:
             f"{_n(suite['mean_len'])} (max {_n(suite['max_len'])}), seed {suite['seed']}, "
             f"impressions protocol (preset {suite.get('preset', '?')}).",
         ]
-    render = {"peak": _peak, "data": _data, "train": _train, "search": _search, "serve": _serve}
+    render = {
+        "peak": _peak,
+        "data": lambda r: _data(r, results.get("peak")),
+        "train": _train,
+        "search": _search,
+        "serve": _serve,
+    }
     for name in NAMES:
         lines.append("")
         if name not in results:

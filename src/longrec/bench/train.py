@@ -22,9 +22,13 @@ def bench_train(
     overrides: list[str] | None = None,
     warmup: int = 3,
     run_dir: Path | None = None,
+    profile_steps: int = 0,
+    trace: Path | None = None,
 ) -> dict:
     """Samples/s of full training steps (forward, backward, optimiser) and of inference, on
-    batches built beforehand so that the figure is the model's, not the loader's."""
+    batches built beforehand so that the figure is the model's, not the loader's. With
+    `profile_steps`, that many further training steps run under `torch.profiler` (see
+    `profile_training`)."""
     sets = [
         f"data.max_len={max_len}",
         f"train.batch_size={batch_size}",
@@ -54,7 +58,11 @@ def bench_train(
             model_(b)
         infer_s = time.perf_counter() - t0
     hist = sum(int(b.history_mask.sum()) for b in batches[warmup:])
-    return {
+    profiled = None
+    if profile_steps:
+        model_.train()
+        profiled = profile_training(trainer, batches[warmup:][:profile_steps], trace)
+    result = {
         "model": model,
         "max_len": max_len,
         "batch_size": batch_size,
@@ -67,6 +75,45 @@ def bench_train(
         "train_ms_per_step": round(1000 * train_s / steps, 2),
         "mean_history": round(hist / max(samples, 1), 1),
         "parameters": int(sum(p.numel() for p in trainer.model.parameters())),
+    }
+    if profiled is not None:
+        result["profile"] = profiled
+    return result
+
+
+def profile_training(trainer: Trainer, batches: list, trace: Path | None = None, top: int = 12):
+    """Where a training step's time goes: the operators with the most self time (ms per step
+    and share), and the matrix products' achieved FLOP/s (the profiler counts FLOPs of mm,
+    addmm, bmm and baddbmm; fused attention is not counted), to hold against `bench_peak`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for b in batches:
+            trainer._step(b, 0)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    n = len(batches)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    gemm = [e for e in events if e.flops]
+    gemm_us = sum(e.self_cpu_time_total for e in gemm)
+    gemm_flops = sum(e.flops for e in gemm)
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return {
+        "steps": n,
+        "ms_per_step": round(total_us / 1e3 / n, 1),
+        "top": [
+            {
+                "op": e.key.removeprefix("aten::"),
+                "ms_per_step": round(e.self_cpu_time_total / 1e3 / n, 2),
+                "share": round(e.self_cpu_time_total / max(total_us, 1), 3),
+            }
+            for e in ranked
+        ],
+        "gemm_share": round(gemm_us / max(total_us, 1), 3),
+        "gemm_gflops": round(gemm_flops / max(gemm_us, 1) / 1e3, 1),
+        "gemm_gflop_per_step": round(gemm_flops / 1e9 / n, 2),
     }
 
 

@@ -77,6 +77,12 @@ def bench_train_command(
     compare_layouts: Annotated[
         bool, typer.Option(help="request-level vs pointwise on the same samples (batch = requests)")
     ] = False,
+    profile: Annotated[
+        int, typer.Option(help="then profile this many training steps (top operators, GEMM FLOP/s)")
+    ] = 0,
+    trace: Annotated[
+        Path | None, typer.Option(help="with --profile: write a Chrome trace here")
+    ] = None,
 ) -> None:
     from longrec.bench.common import machine
     from longrec.bench.train import bench_layouts, bench_train
@@ -84,7 +90,17 @@ def bench_train_command(
     if compare_layouts:
         result = bench_layouts(data, model, max_len, batch_size, steps, set or [])
     else:
-        result = bench_train(data, model, max_len, steps, batch_size, layout, set or [])
+        result = bench_train(
+            data,
+            model,
+            max_len,
+            steps,
+            batch_size,
+            layout,
+            set or [],
+            profile_steps=profile,
+            trace=trace,
+        )
     result["machine"] = machine()
     print(json.dumps(result, indent=2))
     if out is not None:
