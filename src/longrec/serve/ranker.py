@@ -5,9 +5,9 @@ It reads the user's most recent behaviours from a history store, encodes the use
 in an LRU bounded by bytes, and scores all candidates of the request together
 (`model.score`). Raw ids come in; unknown items map to the "unseen" index, unknown users get an
 empty history and are still scored. Concurrent requests are micro-batched (`micro_batch`, on by
-default): one worker thread encodes the users of all queued requests in one forward, which
-raised throughput 1.2-7x at 4-16 concurrent clients on 2 cores (BENCHMARKS.md) instead of
-many threads interleaving small forwards.
+default): one worker thread encodes the users of all queued requests in one forward instead of
+many threads interleaving small forwards; with 16 concurrent clients on 2 cores that raised
+throughput 1.1-2.3x over HTTP and 2.4-7.4x in-process (BENCHMARKS.md).
 
     ranker = Ranker.from_run("runs/dare", history="lmdb:///data/history")
     scores = ranker.rank("user-42", ["item-1", "item-7"])
