@@ -301,6 +301,69 @@ def test_two_stages_end_to_end(prepared_taobao, tmp_path):
     assert _hashes(tokens) == before  # frozen: training never writes the store
     with pytest.raises(UserError, match="iat_source"):
         build_tokens(tmp_path / "downstream", tmp_path / "other")
+    _served_with_tokens(prepared_taobao, tmp_path / "downstream", tokens, tmp_path / "history")
+
+
+def _served_with_tokens(data: Path, run: Path, tokens: Path, history: Path) -> None:
+    """The ranker feeds a served IAT model the user's tokens strictly before the request time,
+    keys its cache by how many there are, and micro-batches users with different token counts
+    exactly."""
+    from longrec.data.vocab import load_vocab
+    from longrec.serve.history import open_history
+    from longrec.serve.load_history import load_history
+    from longrec.serve.ranker import Ranker, RankerConfig, RankTimings, _Request
+
+    dataset = PreparedDataset(data)
+    store = open_history(f"lmdb://{history}", list(dataset.fields.values()))
+    load_history(data, store)
+    ranker = Ranker.from_run(run, history=store, config=RankerConfig(micro_batch=1))
+    assert ranker.tokens is not None
+    token_store = TokenStore.open(tokens)
+    counts = np.diff(token_store.offsets)
+    users = load_vocab(dataset.root, "user")
+    raw = {i: u for u, i in users.items()}
+    items = [k for k, v in load_vocab(dataset.root, "item").items() if v >= 2][:12]
+
+    def offline(user: int, now: int, with_tokens: bool) -> np.ndarray:
+        events, _ = store.recent(raw[user], ranker.max_len)
+        extra = token_store.before(np.array([user]), np.array([now]), ranker.max_tokens)
+        base = ranker.batches.history(events, now, extra=extra if with_tokens else None)
+        idx = ranker.item_indices(items).view(1, -1)
+        batch = ranker.batches.with_targets(
+            base, idx, None, torch.tensor([now]), torch.ones_like(idx, dtype=torch.bool)
+        )
+        with torch.no_grad():
+            return torch.sigmoid(ranker.model(batch))[0].numpy()
+
+    u = int(np.argmax(counts))
+    lo, hi = token_store.offsets[u], token_store.offsets[u + 1]
+    late = int(token_store.ts[hi - 1]) + 1  # sees all of the user's tokens (up to max_tokens)
+    early = int(token_store.ts[lo])  # strictly before the first token: none
+    online = np.array(ranker.rank(raw[u], items, late))
+    np.testing.assert_allclose(online, offline(u, late, True), rtol=1e-5, atol=1e-6)
+    assert np.abs(online - offline(u, late, False)).max() > 1e-6  # the tokens matter
+    np.testing.assert_allclose(
+        ranker.rank(raw[u], items, early), offline(u, early, False), rtol=1e-5, atol=1e-6
+    )
+    hit = RankTimings()
+    ranker.rank(raw[u], items, late + 1, timings=hit)  # same tokens: the cached state
+    assert hit.cache_hit
+    # users with different token counts in one micro-batch score as they do alone
+    others = [int(x) for x in np.argsort(-counts)[1:3]]
+    nows = [late] + [
+        int(token_store.ts[token_store.offsets[x] + k]) for x, k in zip(others, (2, 6), strict=True)
+    ]
+    requests = [
+        _Request(raw[x], items, t, None, RankTimings())
+        for x, t in zip([u, *others], nows, strict=True)
+    ]
+    seen = {int(ranker._instance_tokens(r.user, r.now)[1]) for r in requests}
+    assert len(seen) == 3, seen  # three token widths: the batch left-pads them
+    alone = [ranker.rank(r.user, r.candidates, r.now) for r in requests]
+    fresh = Ranker.from_run(run, history=store, config=RankerConfig(micro_batch=1, cache_bytes=0))
+    for got, want in zip(fresh._rank_many(requests), alone, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    store.close()
 
 
 # -- 4. the downstream model with and without tokens --------------------------------------

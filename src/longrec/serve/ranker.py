@@ -152,6 +152,13 @@ class Ranker:
             if "target_type" in schema.target_fields
             else None
         )
+        self.tokens, self.user_index, self.max_tokens = None, None, 0
+        if getattr(cfg_run.data, "token_store", None):  # IAT: instance tokens before `now`
+            from longrec.data.token_store import TokenStore
+
+            self.tokens = TokenStore.open(cfg_run.data.token_store)
+            self.user_index = load_vocab(dataset.root, "user")
+            self.max_tokens = cfg_run.data.max_tokens
         self.cache = StateCache(self.config.cache_bytes)
         self._uses_time = bool(getattr(model, "user_state_uses_request_time", False))
         self.bf16 = self.config.bf16 and self._bf16_within_tolerance()
@@ -236,21 +243,22 @@ class Ranker:
         """Scores of several requests (the micro-batcher's unit of work): cached users are
         scored on their cached state, the others are encoded together in one forward."""
         results: list[list[float] | BaseException | None] = [None] * len(requests)
-        misses: list[tuple[int, dict, tuple]] = []
+        misses: list[tuple[int, dict, tuple, dict | None]] = []
         for i, r in enumerate(requests):
             try:
                 t0 = time.perf_counter()
                 events, version = self.history.recent(r.user, self.max_len)
+                extra, n_tokens = self._instance_tokens(r.user, r.now)
                 r.timings.fetch_ms = 1e3 * (time.perf_counter() - t0)
                 r.timings.history_len = len(events["ts"]) if "ts" in events else 0
-                key = (r.user, version, self.max_len, r.now if self._uses_time else None)
+                key = (r.user, version, self.max_len, r.now if self._uses_time else None, n_tokens)
                 cached = self.cache.get(key)
                 if cached is None:
-                    misses.append((i, events, key))
+                    misses.append((i, events, key, extra))
                     continue
                 state, length = cached
                 r.timings.cache_hit = True
-                base = self.batches.history(events, r.now, length)
+                base = self.batches.history(events, r.now, length, extra)
                 results[i] = self._score(state, base, [r])[0]
             except Exception as err:  # this request's error, not the batch's
                 results[i] = err
@@ -267,29 +275,49 @@ class Ranker:
                 results[miss[0]] = err
         return results  # type: ignore[return-value]
 
+    def _instance_tokens(self, user: str, now: int) -> tuple[dict | None, int]:
+        """IAT's side input: the user's instance tokens strictly before `now` as `Batch.extra`
+        [1, T, D], and how many there are (a cache-key part: the user state changes only when a
+        token enters); (None, 0) for models without a token store."""
+        if self.tokens is None:
+            return None, 0
+        index = self.user_index.get(user)
+        if index is None or index + 1 >= len(self.tokens.offsets):  # never seen: no tokens
+            return {
+                "tokens": torch.zeros(1, 1, self.tokens.dim),
+                "token_label": torch.zeros(1, 1),
+                "token_mask": torch.zeros(1, 1, dtype=torch.bool),
+                "token_ts": torch.zeros(1, 1, dtype=torch.int64),
+            }, 0
+        extra = self.tokens.before(np.array([index]), np.array([now]), self.max_tokens)
+        return extra, int(extra["token_mask"].sum())
+
     def _encode_and_score(
-        self, requests: list[_Request], misses: list[tuple[int, dict, tuple]], results: list
+        self,
+        requests: list[_Request],
+        misses: list[tuple[int, dict, tuple, dict | None]],
+        results: list,
     ) -> None:
         """Encode the users of `misses` in one forward (histories left-padded to the longest),
         cache each user's state, score their candidates, write their `results`."""
         t0 = time.perf_counter()
-        length = max(self.batches.padded_length(events) for _, events, _ in misses)
-        reqs = [requests[i] for i, _, _ in misses]
+        length = max(self.batches.padded_length(events) for _, events, _, _ in misses)
+        reqs = [requests[i] for i, _, _, _ in misses]
         base = self.batches.stack(
             [
-                self.batches.history(events, r.now, length)
-                for (_, events, _), r in zip(misses, reqs, strict=True)
+                self.batches.history(events, r.now, length, extra)
+                for (_, events, _, extra), r in zip(misses, reqs, strict=True)
             ]
         )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             state = self.model.encode_user(base)
         states = [state] if len(misses) == 1 else split_state(state, len(misses))
         if states is not None and self.config.cache_bytes > 0:
-            for (_, _, key), one in zip(misses, states, strict=True):
+            for (_, _, key, _), one in zip(misses, states, strict=True):
                 self.cache.put(key, one, length)
         encode_ms = 1e3 * (time.perf_counter() - t0)
         scores = self._score(state, base, reqs)
-        for (i, _, _), r, s in zip(misses, reqs, scores, strict=True):
+        for (i, _, _, _), r, s in zip(misses, reqs, scores, strict=True):
             r.timings.encode_ms = encode_ms
             r.timings.extra["batch"] = len(misses)
             results[i] = s

@@ -1,11 +1,13 @@
 """Rank requests as model batches: a user's history left-padded into a one-row `Batch`,
 several such rows stacked for a micro-batched forward, and candidates attached as targets
-(their item-side fields looked up in the dataset's item tables)."""
+(their item-side fields looked up in the dataset's item tables). IAT's instance tokens travel
+in `Batch.extra` ([1, T, D] per row, left-padded to a common T when rows are stacked)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from longrec.data.batch import Batch
 from longrec.data.schema import UNSEEN
@@ -21,7 +23,13 @@ class RequestBatches:
         n = len(events["ts"]) if "ts" in events else 0
         return max(8, -(-n // 8) * 8)
 
-    def history(self, events: dict[str, np.ndarray], now: int, length: int | None = None) -> Batch:
+    def history(
+        self,
+        events: dict[str, np.ndarray],
+        now: int,
+        length: int | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> Batch:
         """A one-user batch of the history, left-padded to `length` slots (extra left padding
         leaves every model's scores unchanged, so a state encoded at one length serves any)."""
         n = len(events["ts"]) if "ts" in events else 0
@@ -51,6 +59,7 @@ class RequestBatches:
             target_ts=torch.full((1, 1), now, dtype=torch.int64),
             label=torch.zeros(1, 1),
             target_mask=torch.ones(1, 1, dtype=torch.bool),
+            extra=extra,
         )
 
     @staticmethod
@@ -68,6 +77,7 @@ class RequestBatches:
             target_ts=torch.cat([r.target_ts for r in rows]),
             label=torch.cat([r.label for r in rows]),
             target_mask=torch.cat([r.target_mask for r in rows]),
+            extra=_stack_extra([r.extra for r in rows]),
         )
 
     def with_targets(
@@ -98,4 +108,23 @@ class RequestBatches:
             target_ts=now.view(-1, 1).expand_as(items).contiguous(),
             label=torch.zeros(items.shape),
             target_mask=target_mask,
+            extra=batch.extra,
         )
+
+
+def _stack_extra(rows: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+    """Side sequences [1, T_i, ...] of each row, left-padded (zeros) to the longest T."""
+    if all(r is None for r in rows):
+        return None
+    if any(r is None for r in rows):
+        raise ValueError("either every row of a batch carries side sequences or none does")
+    width = max(r["token_mask"].shape[1] for r in rows)
+    out = {}
+    for key in rows[0]:
+        parts = []
+        for r in rows:
+            x = r[key]
+            pad = width - x.shape[1]
+            parts.append(F.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0)) if pad else x)
+        out[key] = torch.cat(parts)
+    return out
