@@ -15,7 +15,7 @@ from longrec.cli import app
 
 HEAD = "# Benchmarks\n\nHand-written text before the section.\n\n"
 TAIL = "\n## Later\n\nHand-written text after it, `code` | pipes | kept.\n"
-NAMES = ("peak", "data", "train", "search", "serve")
+NAMES = ("peak", "data", "train", "search", "serve", "scaling")
 
 
 def invoke(root, md, *extra: str):
@@ -55,6 +55,10 @@ def test_quick_suite_writes_every_result(suite):
     rows = out["serve"]["rows"]
     assert {r["cache"] for r in rows} == {"cold", "warm"}
     assert all(r["p99_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in rows)
+    scaling = out["scaling"]["rows"]
+    assert [(r["model"], r["history"]) for r in scaling] == [("din", 50), ("din", 100)]
+    assert all(0 <= r["test_auc"] <= 1 and r["train_samples_per_s"] > 0 for r in scaling)
+    assert (root / "out" / "scaling.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -74,6 +78,8 @@ def test_benchmarks_md_section_replaced(suite):
         "d=16",
         "p50 / p99",
         "| dare | 200 |",
+        "Scaling with history length",
+        "L=100",
     ):
         assert expected in section, expected
     assert section in result.stdout

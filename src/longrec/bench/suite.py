@@ -1,6 +1,6 @@
 """`longrec bench all`: the benchmark suite end to end on a synthetic dataset it makes itself.
 
-One JSON per benchmark goes to the results directory (data, train, search, serve); a failing
+One JSON per benchmark goes to the results directory (data, train, search, serve, scaling); a failing
 benchmark writes ``{"error": ...}`` and the others still run. ``run_suite`` returns the names
 of the benchmarks that failed.
 """
@@ -70,6 +70,17 @@ class SuiteConfig:
     serve_concurrency: tuple[int, ...] = (1, 4)
     serve_requests: int = 20
     serve_micro_batches: tuple[int, ...] = (1, 8)  # 1 = off: the comparison
+    # AUC against history length (short runs: a trend and the cost per length, not a study;
+    # `longrec bench scaling` runs the full one)
+    scaling: bool = True
+    scaling_models: tuple[str, ...] = ("stca", "longer", "din", "dare")
+    scaling_lengths: tuple[int, ...] = (100, 300, 1000, 3000)
+    scaling_sets: tuple[str, ...] = (
+        "train.max_steps=100",
+        "train.batch_size=128",
+        "train.eval_every=100",
+        "train.progress=false",
+    )
 
     @classmethod
     def quick(cls) -> SuiteConfig:
@@ -100,6 +111,14 @@ class SuiteConfig:
             serve_concurrency=(1,),
             serve_requests=3,
             serve_micro_batches=(8,),
+            scaling_models=("din",),
+            scaling_lengths=(50, 100),
+            scaling_sets=(
+                "train.max_steps=2",
+                "train.batch_size=32",
+                "train.eval_every=2",
+                "train.progress=false",
+            ),
         )
 
     def dataset_key(self) -> dict:
@@ -129,7 +148,8 @@ def make_dataset(cfg: SuiteConfig, work_dir: Path, log: Callable[[str], None]) -
             pass
     log(f"making a synthetic dataset in {work_dir}: {key}")
     stamp.unlink(missing_ok=True)
-    shutil.rmtree(work_dir / "serve", ignore_errors=True)  # tiny runs / history of an old dataset
+    for stale in ("serve", "scaling"):  # runs and history made from an old dataset
+        shutil.rmtree(work_dir / stale, ignore_errors=True)
     sizes = {k: key[k] for k in ("users", "mean_len", "max_len", "seed")}
     synth = SynthConfig(**sizes, ad_items=cfg.items, content_items=2 * cfg.items)
     generate(synth, raw, overwrite=True, progress=False)
@@ -219,6 +239,23 @@ def _serve(cfg: SuiteConfig, data: Path, work_dir: Path, log) -> dict:
     return {"rows": rows}
 
 
+def _scaling(cfg: SuiteConfig, data: Path, work_dir: Path, out_dir: Path, log) -> dict:
+    from longrec.bench.scaling import run_scaling, scaling_plot
+
+    log(f"scaling: {', '.join(cfg.scaling_models)} at {cfg.scaling_lengths}")
+    rows = run_scaling(
+        data,
+        work_dir / "scaling",
+        list(cfg.scaling_models),
+        list(cfg.scaling_lengths),
+        list(cfg.scaling_sets),
+        log=lambda m: log(f"scaling: {m}"),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scaling_plot(rows, out_dir / "scaling.png", "suite data (short runs)")
+    return {"rows": rows, "sets": list(cfg.scaling_sets), "plot": "scaling.png"}
+
+
 def run_suite(
     cfg: SuiteConfig,
     out_dir: Path,
@@ -287,4 +324,6 @@ def run_suite(
     record("search", lambda: _search(cfg, log))
     if cfg.serve:
         record("serve", lambda: _serve(cfg, need_data(), work_dir, log))
+    if cfg.scaling:
+        record("scaling", lambda: _scaling(cfg, need_data(), work_dir, out_dir, log))
     return failed

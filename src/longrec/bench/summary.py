@@ -9,7 +9,7 @@ from pathlib import Path
 BEGIN = "<!-- bench all: begin -->"
 END = "<!-- bench all: end -->"
 SECTION = "## Suite figures (longrec bench all)"
-NAMES = ("peak", "data", "train", "search", "serve")
+NAMES = ("peak", "data", "train", "search", "serve", "scaling")
 
 
 def _n(x) -> str:
@@ -234,6 +234,21 @@ def _serve(r: dict) -> list[str]:
     return lines
 
 
+def _scaling(r: dict) -> list[str]:
+    from longrec.bench.scaling import scaling_table
+
+    rows = r.get("rows", [])
+    if not rows:
+        return ["Scaling: no rows."]
+    table = scaling_table(rows, "").splitlines()[2:]  # without its heading
+    sets = ", ".join(f"`{x}`" for x in r.get("sets", []))
+    return [
+        f"Scaling with history length, short runs ({sets}); plot `{r.get('plot', '')}`:",
+        "",
+        *table,
+    ]
+
+
 def render_summary(out_dir: Path) -> str:
     """Compact markdown tables of out_dir/{data,train,search,serve}.json."""
     results = _load(Path(out_dir))
@@ -262,6 +277,7 @@ def render_summary(out_dir: Path) -> str:
         "train": _train,
         "search": _search,
         "serve": _serve,
+        "scaling": _scaling,
     }
     for name in NAMES:
         lines.append("")

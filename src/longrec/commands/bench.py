@@ -212,8 +212,8 @@ def bench_serve_command(
     "generated section of BENCHMARKS.md.\n\n"
     "Makes (or reuses) a synthetic dataset with long histories under --work, then measures "
     "loader samples/s, train/infer samples/s per model and length (+ request vs pointwise "
-    "layout), search cost and serving latency: data.json, train.json, search.json and "
-    "serve.json in --out. The text between the lines '<!-- bench all: begin -->' and "
+    "layout), search cost, serving latency and short scaling runs (AUC by history length): "
+    "data.json, train.json, search.json, serve.json and scaling.json (+ scaling.png) in --out. The text between the lines '<!-- bench all: begin -->' and "
     "'<!-- bench all: end -->' of --benchmarks-md is replaced by tables of them (the section "
     "is appended if the markers are missing). A failed benchmark records its error, the others "
     "still run, and the exit status is 1.\n\n"
@@ -231,6 +231,7 @@ def bench_all_command(
         Path, typer.Option(help="markdown file whose generated section is replaced")
     ] = Path("BENCHMARKS.md"),
     serve: Annotated[bool, typer.Option(help="run the serving benchmark")] = True,
+    scaling: Annotated[bool, typer.Option(help="run the short scaling runs")] = True,
 ) -> None:
     import sys
 
@@ -238,12 +239,13 @@ def bench_all_command(
     from longrec.bench.summary import render_summary, update_benchmarks_md
 
     cfg = SuiteConfig.quick() if quick else SuiteConfig()
-    cfg.serve = serve
+    cfg.serve, cfg.scaling = serve, scaling
     command = " ".join(
         [
             f"longrec bench all --out {out} --work {work}",
             *(["--quick"] if quick else []),
             *([] if serve else ["--no-serve"]),
+            *([] if scaling else ["--no-scaling"]),
             f"--benchmarks-md {benchmarks_md}",
         ]
     )
