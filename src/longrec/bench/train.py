@@ -81,10 +81,13 @@ def bench_train(
     return result
 
 
+MATRIX_OPS = frozenset(f"aten::{op}" for op in ("mm", "addmm", "bmm", "baddbmm", "addbmm"))
+
+
 def profile_training(trainer: Trainer, batches: list, trace: Path | None = None, top: int = 12):
     """Where a training step's time goes: the operators with the most self time (ms per step
-    and share), and the matrix products' achieved FLOP/s (the profiler counts FLOPs of mm,
-    addmm, bmm and baddbmm; fused attention is not counted), to hold against `bench_peak`."""
+    and share), and the matrix products' achieved FLOP/s (mm, addmm, bmm, baddbmm, whose FLOPs
+    the profiler counts; fused attention is not counted), to hold against `bench_peak`."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
@@ -96,7 +99,7 @@ def profile_training(trainer: Trainer, batches: list, trace: Path | None = None,
     events = prof.key_averages()
     n = len(batches)
     total_us = sum(e.self_cpu_time_total for e in events)
-    gemm = [e for e in events if e.flops]
+    gemm = [e for e in events if e.key in MATRIX_OPS]
     gemm_us = sum(e.self_cpu_time_total for e in gemm)
     gemm_flops = sum(e.flops for e in gemm)
     ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
