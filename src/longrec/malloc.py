@@ -25,7 +25,7 @@ M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum (HEAP_MAX_SIZE / 2 on 64-bit)
-TRIM_THRESHOLD = 2**40  # never trim the heap top
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only beyond 2 GiB of free heap top
 TOP_PAD = 2**30  # grow the heap in 1 GiB steps (virtual: pages are mapped when touched)
 
 _applied: bool | None = None
@@ -50,7 +50,7 @@ def tune_malloc() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     ok = all(
-        mallopt(param, min(value, 2**31 - 1)) == 1
+        mallopt(param, value) == 1
         for param, value in (
             (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
             (M_TRIM_THRESHOLD, TRIM_THRESHOLD),

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longrec.bench.common import tensor_bytes
 from longrec.config import resolve
 from longrec.train.loop import Trainer
 
@@ -121,8 +122,7 @@ def profile_training(trainer: Trainer, batches: list, trace: Path | None = None,
 
 
 def _history_bytes(batch) -> int:
-    tensors = [*batch.history.values(), batch.history_ts, batch.history_mask]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(tensor_bytes(x) for x in (batch.history, batch.history_ts, batch.history_mask))
 
 
 def bench_layouts(

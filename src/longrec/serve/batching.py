@@ -21,7 +21,6 @@ answered).
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -59,9 +58,7 @@ def _take(x: Any, i: int, b: int) -> Any:
         return type(x)(_take(v, i, b) for v in x)
     if x is None or isinstance(x, int | float | bool | str):
         return x
-    if dataclasses.is_dataclass(x):  # an unknown container: its tensors may be shared
-        raise _Unsplittable
-    raise _Unsplittable
+    raise _Unsplittable  # an unknown container: its tensors may be shared by the batch
 
 
 def split_state(state: dict, b: int) -> list[dict] | None:

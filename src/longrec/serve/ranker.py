@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
@@ -111,6 +112,16 @@ class _Request:
     now: int
     target_types: list[str] | None
     timings: RankTimings
+
+
+@dataclass
+class _Miss:
+    """A request whose user state is not cached: what encoding it needs."""
+
+    index: int  # position in the micro-batch
+    events: dict
+    key: tuple  # its cache key
+    extra: dict | None  # side sequences (IAT tokens)
 
 
 @dataclass
@@ -243,7 +254,7 @@ class Ranker:
         """Scores of several requests (the micro-batcher's unit of work): cached users are
         scored on their cached state, the others are encoded together in one forward."""
         results: list[list[float] | BaseException | None] = [None] * len(requests)
-        misses: list[tuple[int, dict, tuple, dict | None]] = []
+        misses: list[_Miss] = []
         for i, r in enumerate(requests):
             try:
                 t0 = time.perf_counter()
@@ -254,7 +265,7 @@ class Ranker:
                 key = (r.user, version, self.max_len, r.now if self._uses_time else None, n_tokens)
                 cached = self.cache.get(key)
                 if cached is None:
-                    misses.append((i, events, key, extra))
+                    misses.append(_Miss(i, events, key, extra))
                     continue
                 state, length = cached
                 r.timings.cache_hit = True
@@ -272,7 +283,7 @@ class Ranker:
             try:
                 self._encode_and_score(requests, [miss], results)
             except Exception as err:
-                results[miss[0]] = err
+                results[miss.index] = err
         return results  # type: ignore[return-value]
 
     def _instance_tokens(self, user: str, now: int) -> tuple[dict | None, int]:
@@ -295,32 +306,32 @@ class Ranker:
     def _encode_and_score(
         self,
         requests: list[_Request],
-        misses: list[tuple[int, dict, tuple, dict | None]],
+        misses: list[_Miss],
         results: list,
     ) -> None:
         """Encode the users of `misses` in one forward (histories left-padded to the longest),
         cache each user's state, score their candidates, write their `results`."""
         t0 = time.perf_counter()
-        length = max(self.batches.padded_length(events) for _, events, _, _ in misses)
-        reqs = [requests[i] for i, _, _, _ in misses]
+        length = max(self.batches.padded_length(m.events) for m in misses)
+        reqs = [requests[m.index] for m in misses]
         base = self.batches.stack(
             [
-                self.batches.history(events, r.now, length, extra)
-                for (_, events, _, extra), r in zip(misses, reqs, strict=True)
+                self.batches.history(m.events, r.now, length, m.extra)
+                for m, r in zip(misses, reqs, strict=True)
             ]
         )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             state = self.model.encode_user(base)
         states = [state] if len(misses) == 1 else split_state(state, len(misses))
         if states is not None and self.config.cache_bytes > 0:
-            for (_, _, key, _), one in zip(misses, states, strict=True):
-                self.cache.put(key, one, length)
+            for m, one in zip(misses, states, strict=True):
+                self.cache.put(m.key, one, length)
         encode_ms = 1e3 * (time.perf_counter() - t0)
         scores = self._score(state, base, reqs)
-        for (i, _, _, _), r, s in zip(misses, reqs, scores, strict=True):
+        for m, r, s in zip(misses, reqs, scores, strict=True):
             r.timings.encode_ms = encode_ms
             r.timings.extra["batch"] = len(misses)
-            results[i] = s
+            results[m.index] = s
 
     def _score(self, state, base: Batch, requests: list[_Request]) -> list[list[float]]:
         """Probabilities of each request's candidates against its row of `state` / `base`."""
@@ -337,21 +348,24 @@ class Ranker:
                 for r in requests
             ]
         now = torch.tensor([r.now for r in requests], dtype=torch.int64)
-        longest = max(len(x) for x in items)
+        # shorter requests padded at the end: item 0, type "unseen", target_mask False
+        item_slots = pad_sequence(items, batch_first=True)
+        type_slots = (
+            None if types is None else pad_sequence(types, batch_first=True, padding_value=UNSEEN)
+        )
+        lengths = torch.tensor([len(x) for x in items])
+        mask = torch.arange(item_slots.shape[1]) < lengths[:, None]
         chunk = self.config.score_chunk
         probs = []
-        for lo in range(0, longest, chunk):
-            width = min(chunk, longest - lo)
-            item_slots = torch.zeros(len(requests), width, dtype=torch.int64)
-            type_slots = None if types is None else torch.full_like(item_slots, UNSEEN)
-            mask = torch.zeros(len(requests), width, dtype=torch.bool)
-            for row, x in enumerate(items):
-                part = x[lo : lo + width]
-                item_slots[row, : len(part)] = part
-                mask[row, : len(part)] = True
-                if types is not None:
-                    type_slots[row, : len(part)] = types[row][lo : lo + width]
-            batch = self.batches.with_targets(base, item_slots, type_slots, now, mask)
+        for lo in range(0, item_slots.shape[1], chunk):
+            part = slice(lo, lo + chunk)
+            batch = self.batches.with_targets(
+                base,
+                item_slots[:, part],
+                None if type_slots is None else type_slots[:, part],
+                now,
+                mask[:, part],
+            )
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model.score(state, batch)
             probs.append(torch.sigmoid(logits.float()))
