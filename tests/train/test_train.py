@@ -123,3 +123,25 @@ def test_gauc_matches_a_per_user_loop():
         n_used += 1
     assert value == pytest.approx(num / den)
     assert (used, skipped) == (n_used, n_skipped)
+
+
+def test_adam_is_fused_and_steps_like_the_reference():
+    from longrec.config import TrainConfig
+    from longrec.train.optim import build_optimizers
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    model.embedding_parameters = lambda: []
+    (opt,) = build_optimizers(model, TrainConfig(lr=0.05))
+    assert opt.defaults["fused"] is True
+    ref_model = torch.nn.Linear(8, 3)
+    ref_model.load_state_dict(model.state_dict())
+    ref = torch.optim.Adam(ref_model.parameters(), lr=0.05, foreach=False)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
