@@ -6,6 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 CACHE  := $(CURDIR)/.cache
 export TORCHINDUCTOR_CACHE_DIR := $(CACHE)/inductor
+export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
 export PYTHONHASHSEED := 0
 
 .PHONY: setup demo test bench lint format clean redis-server

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from longrec.data.batch import Batch
-from longrec.nn.embedding import gather_rows
+from longrec.nn import row_kernels
+from longrec.nn.embedding import RowTable, gather_rows
 from longrec.nn.temporal import relative_positions
 
 ROLES = ("attn_hist", "attn_tgt", "repr_hist", "repr_tgt")
@@ -52,7 +53,17 @@ class HistoryField:
     rows: Tensor  # [U, d]
     inverse: Tensor
     value_mask: Tensor | None = None  # [B, L, W] for multi-valued fields
-    gathered: Tensor | None = None  # [B, L, d] when already gathered (see Towers.fused_history)
+    gathered: Tensor | None = None  # [B, L, d] when already gathered (Towers.keys_and_values)
+    fused: bool = False  # read rows straight from `rows` with nn.row_kernels where possible
+    target_inverse: Tensor | None = None  # the targets' ids in `rows` (training only)
+
+    def _use_kernels(self, x: Tensor) -> bool:
+        return (
+            self.fused
+            and self.value_mask is None
+            and self.gathered is None
+            and row_kernels.applicable(self.rows, x)
+        )
 
     def _pool_values(self, x: Tensor, vmask: Tensor | None) -> Tensor:
         if vmask is None:
@@ -83,7 +94,15 @@ class HistoryField:
 
     def weighted_sum(self, weights: Tensor) -> Tensor:
         """sum_l weights[b, m, l] * e[b, l] -> [B, M, d]."""
+        if self._use_kernels(weights):
+            return row_kernels.gather_pool(self.rows, self.inverse, weights)
         return torch.matmul(weights, self.dense().to(weights.dtype))
+
+    def dot(self, query: Tensor) -> Tensor:
+        """<query[b, m], e[b, l]> -> [B, M, L]."""
+        if self._use_kernels(query):
+            return row_kernels.gather_dot(self.rows, self.inverse, query)
+        return torch.matmul(query, self.dense().transpose(-1, -2))
 
 
 @dataclass
@@ -134,7 +153,7 @@ def scores(keys: HistoryEmbedding, query: TargetEmbedding) -> Tensor:
     """DARE's split-scaled attention score [B, M, L] as a sum of per-field dot products."""
     total = None
     for k, q in zip(keys.fields, query.fields, strict=True):
-        part = torch.matmul(q, k.dense().transpose(-1, -2))
+        part = k.dot(q)
         total = part if total is None else total + part
     total = total / keys.sem_dim**0.5
     if keys.pos is None or query.pos is None:
@@ -147,19 +166,27 @@ class EmbeddingSet(nn.Module):
     """One table per field plus a target-relative position table."""
 
     def __init__(
-        self, schema, fields: list[str], dim: int, pos_dim: int, max_positions: int, sparse: bool
+        self,
+        schema,
+        fields: list[str],
+        dim: int,
+        pos_dim: int,
+        max_positions: int,
+        sparse: bool,
+        fused: bool = False,
     ):
         super().__init__()
         self.fields = fields
+        self.fused = fused
         self.multi = schema.multi_fields() & set(fields)
         self.tables = nn.ModuleDict(
             {
-                f: nn.Embedding(max(schema.vocab(f), 2), dim, padding_idx=0, sparse=sparse)
+                f: RowTable(max(schema.vocab(f), 2), dim, padding_idx=0, sparse=sparse)
                 for f in fields
             }
         )
         self.max_positions = max_positions
-        self.pos = nn.Embedding(max_positions + 1, pos_dim, sparse=sparse) if pos_dim > 0 else None
+        self.pos = RowTable(max_positions + 1, pos_dim, sparse=sparse) if pos_dim > 0 else None
         self.sem_dim, self.pos_dim = dim * len(fields), pos_dim
 
     def positions(self, length: int, device) -> Tensor | None:
@@ -170,18 +197,27 @@ class EmbeddingSet(nn.Module):
     def history(self, batch: Batch, distinct: dict[str, tuple[Tensor, Tensor]]) -> HistoryEmbedding:
         fields = []
         for f in self.fields:
-            uniq, inverse = distinct[f]
+            uniq, inverse, *target_inverse = distinct[f]  # (uniq, inverse[, target inverse])
             vmask = (batch.history[f] != 0) if f in self.multi else None
-            fields.append(HistoryField(self.tables[f](uniq), inverse, vmask))
+            field = HistoryField(self.tables[f](uniq), inverse, vmask, fused=self.fused)
+            field.target_inverse = target_inverse[0] if target_inverse else None
+            fields.append(field)
         return HistoryEmbedding(
             fields, self.positions(batch.history_len, batch.history_mask.device)
         )
 
-    def target(self, batch: Batch) -> TargetEmbedding:
+    def target(self, batch: Batch, history: HistoryEmbedding | None = None) -> TargetEmbedding:
+        """Target embeddings; with `history` (looked up at the distinct ids of history and
+        targets, `Towers.distinct_ids(with_targets=True)`) they are gathered from its rows, so
+        each table is looked up, and its gradient accumulated, once per step."""
         fields = []
-        for f in self.fields:
+        for i, f in enumerate(self.fields):
             ids = batch.target[f]
-            e = self.tables[f](ids)
+            if history is not None:
+                hf = history.fields[i]
+                e = gather_rows(hf.rows, hf.target_inverse)
+            else:
+                e = self.tables[f](ids)
             if f in self.multi:
                 w = (ids != 0).unsqueeze(-1).to(e.dtype)
                 e = (e * w).sum(-2) / w.sum(-2).clamp_min(1.0)
@@ -211,7 +247,7 @@ class RoleProjection(nn.Module):
     def history(self, h: HistoryEmbedding) -> HistoryEmbedding:
         if self.mode == "per_field":
             fields = [
-                HistoryField(m(f.rows), f.inverse, f.value_mask)
+                HistoryField(m(f.rows), f.inverse, f.value_mask, fused=f.fused)
                 for m, f in zip(self.maps, h.fields, strict=True)
             ]
             pos = self.pos_map(h.pos) if self.pos_map is not None and h.pos is not None else h.pos
@@ -243,6 +279,7 @@ class Towers(nn.Module):
         projection: str = "per_field",
         max_positions: int,
         sparse: bool = False,
+        fused: bool = False,
     ):
         super().__init__()
         if coupling not in COUPLINGS:
@@ -251,7 +288,7 @@ class Towers(nn.Module):
         self.vocab = {f: max(schema.vocab(f), 2) for f in fields}
 
         def make(d: int, p: int) -> EmbeddingSet:
-            return EmbeddingSet(schema, fields, d, p, max_positions, sparse)
+            return EmbeddingSet(schema, fields, d, p, max_positions, sparse, fused)
 
         if coupling == "decoupled":
             self.sets = nn.ModuleDict(
@@ -283,8 +320,22 @@ class Towers(nn.Module):
             )
         self._repr_dim = embed_dim * len(fields) + pos_dim
 
-    def distinct_ids(self, batch: Batch) -> dict[str, tuple[Tensor, Tensor]]:
-        return {f: dedup(batch.history[f], self.vocab[f]) for f in self.fields}
+    def distinct_ids(
+        self, batch: Batch, with_targets: bool = False
+    ) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
+        """Per field: (distinct ids, the history's index into them, the targets' index or
+        None). With targets, `target(role, batch, cache)` reuses the history's rows."""
+        out = {}
+        for f in self.fields:
+            hist = batch.history[f]
+            if not with_targets:
+                out[f] = (*dedup(hist, self.vocab[f]), None)
+                continue
+            tgt = batch.target[f]
+            uniq, inverse = dedup(torch.cat((hist.reshape(-1), tgt.reshape(-1))), self.vocab[f])
+            n = hist.numel()
+            out[f] = (uniq, inverse[:n].view(hist.shape), inverse[n:].view(tgt.shape))
+        return out
 
     def history(self, role: str, batch: Batch, distinct, cache: dict) -> HistoryEmbedding:
         key = self.role_set[role]
@@ -293,14 +344,17 @@ class Towers(nn.Module):
         out = cache[key]
         return self.projections[role].history(out) if self.projections is not None else out
 
-    def keys_and_values(self, batch: Batch, distinct) -> tuple[HistoryEmbedding, HistoryEmbedding]:
+    def keys_and_values(
+        self, batch: Batch, distinct, cache: dict | None = None
+    ) -> tuple[HistoryEmbedding, HistoryEmbedding]:
         """Attention (keys) and representation (values) embeddings of the history.
 
-        With separate tables (DARE, TWIN-4E), each single-valued field's two row blocks are
-        gathered together as one [B, L, d_A + d_R] tensor, so the backward pass accumulates
-        both tables' gradients in one index_add instead of two (the dominant cost at L = 200).
+        With separate tables (DARE, TWIN-4E) and without the fused kernels, each single-valued
+        field's two row blocks are gathered together as one [B, L, d_A + d_R] tensor, so the
+        backward pass accumulates both tables' gradients in one index_add instead of two.
+        The fused kernels never gather the whole history, so they skip this.
         """
-        cache: dict = {}
+        cache = {} if cache is None else cache
         keys = self.history("attn_hist", batch, distinct, cache)
         values = self.history("repr_hist", batch, distinct, cache)
         if keys is values or self.projections is not None:
@@ -308,13 +362,21 @@ class Towers(nn.Module):
         for k, v in zip(keys.fields, values.fields, strict=True):
             if k.value_mask is not None:
                 continue
+            if k.fused and row_kernels.applicable(k.rows):
+                continue
             both = gather_rows(torch.cat((k.rows, v.rows), dim=1), k.inverse)
             # split (not two slices): its backward concatenates both gradients in one pass
             k.gathered, v.gathered = torch.split(both, [k.rows.shape[1], v.rows.shape[1]], dim=-1)
         return keys, values
 
-    def target(self, role: str, batch: Batch) -> TargetEmbedding:
-        out = self.sets[self.role_set[role]].target(batch)
+    def target(self, role: str, batch: Batch, cache: dict | None = None) -> TargetEmbedding:
+        """With the `cache` of `keys_and_values` over `distinct_ids(with_targets=True)`, the
+        targets come from the same rows as the history."""
+        key = self.role_set[role]
+        history = None
+        if cache is not None and key in cache and cache[key].fields[0].target_inverse is not None:
+            history = cache[key]
+        out = self.sets[key].target(batch, history)
         return self.projections[role].target(out) if self.projections is not None else out
 
     def repr_dim(self) -> int:

@@ -46,6 +46,9 @@ class TwoStageParams:
     aux_weight: float = 1.0
     hidden: tuple[int, ...] = (200, 80)
     init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
+    # Speed only: scores and full-sequence pooling read the distinct rows with the C++ kernels
+    # of nn.row_kernels instead of gathering [B, L, d] (same results to float rounding).
+    fused_kernels: bool = True
 
 
 @register("dare", "DARE: decoupled attention/representation tables, soft top-k search (ICLR'25)")
@@ -71,6 +74,7 @@ class TwoStageModel(SequenceModel):
             projection=p.projection,
             max_positions=max(schema.max_len, 1),
             sparse=sparse_embeddings,
+            fused=p.fused_kernels,
         )
         d = self.towers.repr_dim()
         in_dim = d if p.only_odot else (3 * d if p.target_repr else 2 * d)
@@ -81,7 +85,10 @@ class TwoStageModel(SequenceModel):
 
     # -- contract -------------------------------------------------------------------------
     def encode_user(self, batch: Batch) -> UserState:
-        keys, values = self.towers.keys_and_values(batch, self.towers.distinct_ids(batch))
+        return self._encode(batch, self.towers.distinct_ids(batch), {})
+
+    def _encode(self, batch: Batch, distinct, cache: dict) -> UserState:
+        keys, values = self.towers.keys_and_values(batch, distinct, cache)
         state = {"keys": keys, "values": values, "mask": batch.history_mask}
         if self.params.search == "hard":
             state["category"] = batch.history["category"]
@@ -91,7 +98,11 @@ class TwoStageModel(SequenceModel):
         return self._run(state, batch, aux=False)[0]
 
     def forward_train(self, batch: Batch):
-        logits, aux = self._run(self.encode_user(batch), batch, aux=self.aux_head is not None)
+        # one table lookup per step for history and targets (Towers.distinct_ids)
+        cache: dict = {}
+        state = self._encode(batch, self.towers.distinct_ids(batch, with_targets=True), cache)
+        state["cache"] = cache
+        logits, aux = self._run(state, batch, aux=self.aux_head is not None)
         return logits, ([(aux, self.params.aux_weight)] if aux is not None else [])
 
     def search_scores(self, batch: Batch) -> Tensor:
@@ -103,7 +114,8 @@ class TwoStageModel(SequenceModel):
     # -- pieces ---------------------------------------------------------------------------
     def _run(self, state: UserState, batch: Batch, aux: bool) -> tuple[Tensor, Tensor | None]:
         p = self.params
-        s = scores(state["keys"], self.towers.target("attn_tgt", batch))  # [B, M, L]
+        cache = state.get("cache")
+        s = scores(state["keys"], self.towers.target("attn_tgt", batch, cache))  # [B, M, L]
         mask, values = state["mask"], state["values"]
         if p.search == "full":
             pooled = values.pool_all(masked_softmax(s, mask))
@@ -114,7 +126,7 @@ class TwoStageModel(SequenceModel):
                 idx, valid = hard_search(state["category"], batch.target["category"], mask, p.top_k)
             weights = masked_softmax(torch.gather(s, 2, idx), valid)  # [B, M, K]
             pooled = values.pool_at(idx, weights)
-        target = self.towers.target("repr_tgt", batch).joined()
+        target = self.towers.target("repr_tgt", batch, cache).joined()
         logits = self.head(self._mlp_input(target, pooled), batch.target_mask)
         aux_logits = None
         if aux:

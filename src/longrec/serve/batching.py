@@ -49,6 +49,7 @@ def _take(x: Any, i: int, b: int) -> Any:
             _take(x.inverse, i, b),
             None if x.value_mask is None else _take(x.value_mask, i, b),
             None if x.gathered is None else _take(x.gathered, i, b),
+            fused=x.fused,
         )
     if isinstance(x, HistoryEmbedding):
         return HistoryEmbedding([_take(f, i, b) for f in x.fields], x.pos)

@@ -1,0 +1,104 @@
+"""Fused gather kernels for histories held as distinct rows plus an index (C++, built on first use).
+
+Why: at DARE's Taobao configuration (batch 2048, history 200) most of a training step went to
+writing the gathered [B, L, d] history, reading it back in batched matrix-vector products and
+scattering its gradient (BENCHMARKS.md, "Where the time goes"). These kernels compute the
+attention scores and the full-sequence pooling straight from the [U, d] rows and write each
+row's gradient in place, prefetching the rows a few behaviours ahead.
+
+The extension is compiled with the system's C++ compiler the first time it is needed (about 40
+seconds) and cached under $TORCH_EXTENSIONS_DIR (the Makefile points it into `.cache/`; PyTorch's
+default is ~/.cache/torch_extensions). Where it cannot be built or used (no compiler, other
+dtypes than float32, non-CPU tensors) callers fall back to the equivalent PyTorch operations;
+`LONGREC_FUSED_KERNELS=0` forces that fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "row_kernels.cpp"
+
+
+@cache
+def _extension() -> ModuleType | None:
+    if os.environ.get("LONGREC_FUSED_KERNELS", "1") == "0":
+        return None
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(
+            name="longrec_row_kernels",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler or ninja: the PyTorch path computes the same
+        log.warning("fused row kernels unavailable, using PyTorch ops instead: %s", exc)
+        return None
+
+
+def available() -> bool:
+    return _extension() is not None
+
+
+def applicable(*tensors: Tensor) -> bool:
+    """True when the kernels are built and can take these tensors (float32 on the CPU)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+class _GatherDot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, query: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, index, query)
+        return _extension().gather_dot(rows, index, query)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        rows, index, query = ctx.saved_tensors
+        ext, grad = _extension(), grad.contiguous()
+        grad_rows = grad_query = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = ext.scatter_outer(index, grad, query, rows.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_query = ext.gather_pool(rows, index, grad)
+        return grad_rows, None, grad_query
+
+
+class _GatherPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, index, weight)
+        return _extension().gather_pool(rows, index, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        rows, index, weight = ctx.saved_tensors
+        ext, grad = _extension(), grad.contiguous()
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = ext.scatter_outer(index, weight, grad, rows.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_weight = ext.gather_dot(rows, index, grad)
+        return grad_rows, None, grad_weight
+
+
+def gather_dot(rows: Tensor, index: Tensor, query: Tensor) -> Tensor:
+    """query [B, M, d] against rows[index] ([U, d] at [B, L]) -> scores [B, M, L]."""
+    return _GatherDot.apply(rows, index.contiguous(), query.contiguous())
+
+
+def gather_pool(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+    """sum_l weight[b, m, l] * rows[index[b, l]] -> [B, M, d]."""
+    return _GatherPool.apply(rows, index.contiguous(), weight.contiguous())

@@ -1,0 +1,84 @@
+"""The C++ row kernels (nn.row_kernels) against the PyTorch operations they replace: scores,
+pooling and every gradient, for one and several targets per row, strided row views and
+repeated ids; deterministic gradients; and the towers' fallback rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longrec.nn import row_kernels
+
+CASES = [  # (distinct rows U, batch B, history L, targets M, width d)
+    (50, 3, 7, 1, 5),
+    (1, 2, 3, 1, 4),  # every behaviour is the same row
+    (300, 16, 40, 4, 16),
+    (40, 5, 200, 2, 32),
+]
+
+
+def test_the_extension_builds_here():
+    # the rest of this file would silently test the fallback if it did not
+    assert row_kernels.available()
+
+
+def _case(u, b, length, m, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    both = torch.randn(u, 2 * d, generator=g).requires_grad_()
+    index = torch.randint(0, u, (b, length), generator=g)
+    query = torch.randn(b, m, d, generator=g).requires_grad_()
+    weight = torch.randn(b, m, length, generator=g).requires_grad_()
+    return both, index, query, weight
+
+
+def _grads(out, inputs):
+    loss = (out[0].sin().sum() + out[1].cos().sum()) if isinstance(out, tuple) else out
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("u,b,length,m,d", CASES)
+def test_kernels_equal_gather_and_matmul(u, b, length, m, d):
+    both, index, query, weight = _case(u, b, length, m, d)
+    keys, values = both[:, :d], both[:, d:]  # strided views, as the towers may pass
+    fused = (
+        row_kernels.gather_dot(keys, index, query),
+        row_kernels.gather_pool(values, index, weight),
+    )
+    # reference in float64: the kernels sum in another order than gather + matmul, so float32
+    # results differ by rounding that grows with how often a row repeats
+    ref = [t.detach().double().requires_grad_() for t in (both, query, weight)]
+    keys64, values64 = ref[0][:, :d], ref[0][:, d:]
+    plain = (ref[1] @ keys64[index].transpose(1, 2), ref[2] @ values64[index])
+    for a, e in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, e.float(), rtol=1e-5, atol=1e-5)
+    got, want = _grads(fused, (both, query, weight)), _grads(plain, ref)
+    for a, e in zip(got, want, strict=True):
+        scale = e.abs().max().item()  # float32 rounding of sums of many terms of this size
+        torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_gradients_are_bitwise_repeatable():
+    both, index, query, weight = _case(300, 64, 50, 3, 16, seed=3)
+
+    def run():
+        out = (
+            row_kernels.gather_dot(both[:, :16], index, query),
+            row_kernels.gather_pool(both[:, 16:], index, weight),
+        )
+        return _grads(out, (both, query, weight))
+
+    for a, b in zip(run(), run(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_only_cpu_float32_is_applicable():
+    x = torch.zeros(3, 4)
+    assert row_kernels.applicable(x)
+    assert not row_kernels.applicable(x.bfloat16())
+    assert not row_kernels.applicable(x.double())
+
+
+def test_bad_shapes_are_refused_with_a_message():
+    both, index, query, _ = _case(10, 2, 5, 1, 4)
+    with pytest.raises(RuntimeError, match="query width"):
+        row_kernels.gather_dot(both, index, query)  # rows are 8 wide, the query 4
