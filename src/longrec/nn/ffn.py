@@ -46,6 +46,10 @@ class SwiGLUStack(nn.Module):
     """h_0 = x, h_k = LN(SwiGLU_k(h_{k-1})) for k = 1..depth (no residual, as in SPEC §7.2's
     X̃ = LN(SwiGLU(X)); depth > 1 is the "FFN depth" of the paper's ablation)."""
 
+    # train.compile=dense compiles this stack: fixed width, many tokens, GEMMs plus elementwise
+    # ops that Inductor fuses (train/compile.py has the measurement)
+    compile_dense = True
+
     def __init__(self, dim: int, ratio: float = 2.0, depth: int = 1, residual: bool = False):
         super().__init__()
         self.residual = residual

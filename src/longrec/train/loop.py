@@ -32,6 +32,7 @@ from longrec.models import build_model
 from longrec.models.base import DataSchema
 from longrec.train import distributed
 from longrec.train import run_dir as rd
+from longrec.train.compile import compile_dense_modules
 from longrec.train.evaluate import evaluate_split
 from longrec.train.optim import (
     build_optimizers,
@@ -91,6 +92,7 @@ class Trainer:
             self.sharded = shard_embeddings(
                 self.model, self.world_size, ShardOptions.from_train_config(tc)
             )
+        self.compiled = compile_dense_modules(self.model, tc.compile)
         self.optimizers = build_optimizers(self.model, tc)
         # fused optimiser of the sharded tables: scheduled with the others, checkpointed apart
         self.table_optimizers = self.sharded.optimizers() if self.sharded is not None else []
