@@ -57,6 +57,30 @@ def test_kernels_equal_gather_and_matmul(u, b, length, m, d):
         torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("wanted", ["rows", "per_target"])
+def test_one_gradient_alone_equals_both(wanted):
+    """The backward computes both gradients in one pass when both are needed and runs
+    separate kernels otherwise: the two routes agree."""
+    both, index, query, weight = _case(300, 16, 40, 4, 16, seed=5)
+
+    def grads(*inputs):
+        out = (
+            row_kernels.gather_dot(both[:, :16], index, query),
+            row_kernels.gather_pool(both[:, 16:], index, weight),
+        )
+        return _grads(out, inputs)
+
+    together = grads(both, query, weight)
+    if wanted == "rows":
+        query.requires_grad_(False)
+        weight.requires_grad_(False)
+        torch.testing.assert_close(grads(both)[0], together[0], rtol=1e-6, atol=1e-6)
+    else:
+        both.requires_grad_(False)
+        for a, b in zip(grads(query, weight), together[1:], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # per-thread partial sums
+
+
 def test_gradients_are_bitwise_repeatable():
     both, index, query, weight = _case(300, 64, 50, 3, 16, seed=3)
 

@@ -67,6 +67,9 @@ class _GatherDot(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         rows, index, query = ctx.saved_tensors
         ext, grad = _extension(), grad.contiguous()
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[2]:
+            grad_rows, grad_query = ext.backward_both(rows, index, query, grad, False)
+            return grad_rows, None, grad_query
         grad_rows = grad_query = None
         if ctx.needs_input_grad[0]:
             grad_rows = ext.scatter_outer(index, grad, query, rows.shape[0])
@@ -86,6 +89,9 @@ class _GatherPool(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         rows, index, weight = ctx.saved_tensors
         ext, grad = _extension(), grad.contiguous()
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[2]:
+            grad_rows, grad_weight = ext.backward_both(rows, index, weight, grad, True)
+            return grad_rows, None, grad_weight
         grad_rows = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_rows = ext.scatter_outer(index, weight, grad, rows.shape[0])

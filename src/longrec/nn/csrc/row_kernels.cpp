@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -140,7 +141,84 @@ torch::Tensor scatter_outer(const torch::Tensor& index, const torch::Tensor& coe
   return out;
 }
 
+// Both gradients of one kernel in one pass over the index: the row and its gradient row are
+// loaded once for the two.
+//   pooling   (x = weight [B, M, L]):  grad_rows[u] += sum_m x[b, m, l] * grad[b, m, :]
+//                                      grad_x[b, m, l] = <grad[b, m, :], rows[u, :]>
+//   scores    (x = query [B, M, d]):   grad_rows[u] += sum_m grad[b, m, l] * x[b, m, :]
+//                                      grad_x[b, m, :] += grad[b, m, l] * rows[u, :]
+// As in scatter_outer each thread owns a range of rows; the query gradient, which every thread
+// adds to, is summed from per-thread buffers in thread order (deterministic).
+std::vector<torch::Tensor> backward_both(const torch::Tensor& rows, const torch::Tensor& index,
+                                         const torch::Tensor& x, const torch::Tensor& grad,
+                                         bool pooling) {
+  check(rows, index, grad, pooling ? "pool_backward" : "dot_backward");
+  check(rows, index, x, pooling ? "pool_backward" : "dot_backward");
+  const int64_t B = index.size(0), L = index.size(1), M = x.size(1), d = rows.size(1);
+  const int64_t U = rows.size(0), stride = rows.stride(0);
+  const torch::Tensor& per_pos = pooling ? x : grad;     // [B, M, L]
+  const torch::Tensor& per_target = pooling ? grad : x;  // [B, M, d]
+  TORCH_CHECK(per_pos.size(2) == L && per_target.size(2) == d && grad.size(1) == M,
+              "backward: expected [B, M, L] and [B, M, d] tensors");
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), U));
+  auto grad_rows = torch::zeros({U, d}, rows.options());
+  torch::Tensor grad_x = pooling ? torch::empty({B, M, L}, x.options())
+                                 : torch::zeros({parts, B, M, d}, x.options());
+  const float* R = rows.data_ptr<float>();
+  const int64_t* I = index.data_ptr<int64_t>();
+  const float* C = per_pos.data_ptr<float>();
+  const float* T = per_target.data_ptr<float>();
+  float* G = grad_rows.data_ptr<float>();
+  float* GX = grad_x.data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) {
+      const int64_t lo = U * part / parts, hi = U * (part + 1) / parts;
+      float* gq = pooling ? nullptr : GX + part * B * M * d;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t* ib = I + b * L;
+        for (int64_t l = 0; l < L; ++l) {
+          if (l + kAhead < L) {
+            const int64_t ahead = ib[l + kAhead];
+            if (ahead >= lo && ahead < hi) {
+              __builtin_prefetch(R + ahead * stride);
+              __builtin_prefetch(G + ahead * d, 1);
+            }
+          }
+          const int64_t u = ib[l];
+          if (u < lo || u >= hi) continue;
+          const float* r = R + u * stride;
+          float* g = G + u * d;
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t bm = b * M + m;
+            const float c = C[bm * L + l];
+            const float* t = T + bm * d;
+            if (pooling) {
+              float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t j = 0; j < d; ++j) {
+                g[j] += c * t[j];
+                acc += t[j] * r[j];
+              }
+              GX[bm * L + l] = acc;
+            } else {
+              float* q = gq + bm * d;
+#pragma omp simd
+              for (int64_t j = 0; j < d; ++j) {
+                g[j] += c * t[j];
+                q[j] += c * r[j];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  if (!pooling) grad_x = parts == 1 ? grad_x[0] : grad_x.sum(0);
+  return {grad_rows, grad_x};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("backward_both", &backward_both, "rows' and per-target gradients in one pass");
   m.def("gather_dot", &gather_dot, "scores of per-target queries against indexed rows");
   m.def("gather_pool", &gather_pool, "per-target weighted sums of indexed rows");
   m.def("scatter_outer", &scatter_outer, "per-row sums of coef-weighted per-target vectors");
