@@ -106,3 +106,12 @@ def test_bad_shapes_are_refused_with_a_message():
     both, index, query, _ = _case(10, 2, 5, 1, 4)
     with pytest.raises(RuntimeError, match="query width"):
         row_kernels.gather_dot(both, index, query)  # rows are 8 wide, the query 4
+
+
+def test_dedup_ids_inverts_and_keeps_first_appearance_order():
+    ids = torch.tensor([[5, 3, 5, 0], [3, 9, 9, 5]])
+    uniq, inverse = row_kernels.dedup_ids(ids, vocab=10)
+    assert uniq.tolist() == [5, 3, 0, 9]
+    assert torch.equal(uniq[inverse], ids)
+    with pytest.raises(RuntimeError, match="outside"):
+        row_kernels.dedup_ids(torch.tensor([10]), vocab=10)

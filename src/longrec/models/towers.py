@@ -34,8 +34,11 @@ COUPLINGS = ("decoupled", "shared", "four", "projection")
 
 
 def dedup(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """(distinct ids [U], inverse with the shape of ids) via a bitmap over the id range:
-    O(N + vocab) without sorting N ids (torch.unique sorts)."""
+    """(distinct ids [U], inverse with the shape of ids) in O(N + vocab) without sorting N ids
+    (torch.unique sorts): one pass in C++ (row_kernels.dedup_ids, ids in order of first
+    appearance), else a bitmap over the id range (ids in increasing order)."""
+    if ids.device.type == "cpu" and row_kernels.available():
+        return row_kernels.dedup_ids(ids, vocab)
     flat = ids.reshape(-1).long()
     seen = torch.zeros(vocab, dtype=torch.bool, device=ids.device)
     seen[flat] = True

@@ -108,3 +108,9 @@ def gather_dot(rows: Tensor, index: Tensor, query: Tensor) -> Tensor:
 def gather_pool(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     """sum_l weight[b, m, l] * rows[index[b, l]] -> [B, M, d]."""
     return _GatherPool.apply(rows, index.contiguous(), weight.contiguous())
+
+
+def dedup_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """(distinct ids in order of first appearance [U], inverse with the shape of ids)."""
+    uniq, inverse = _extension().dedup_ids(ids.contiguous().long(), vocab)
+    return uniq, inverse

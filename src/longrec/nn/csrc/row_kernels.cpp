@@ -146,9 +146,11 @@ torch::Tensor scatter_outer(const torch::Tensor& index, const torch::Tensor& coe
 //   pooling   (x = weight [B, M, L]):  grad_rows[u] += sum_m x[b, m, l] * grad[b, m, :]
 //                                      grad_x[b, m, l] = <grad[b, m, :], rows[u, :]>
 //   scores    (x = query [B, M, d]):   grad_rows[u] += sum_m grad[b, m, l] * x[b, m, :]
-//                                      grad_x[b, m, :] += grad[b, m, l] * rows[u, :]
-// As in scatter_outer each thread owns a range of rows; the query gradient, which every thread
-// adds to, is summed from per-thread buffers in thread order (deterministic).
+//                                      grad_x[b, m, :] = sum_l grad[b, m, l] * rows[u, :]
+// Each thread takes a fixed share of the batch rows and adds into its own copy of the rows'
+// gradient; the copies are summed in thread order, so results are deterministic. (Owning row
+// ranges instead, as scatter_outer does, makes every thread scan the whole index through an
+// unpredictable branch: slower when the rows fit in cache, as the categories' do.)
 std::vector<torch::Tensor> backward_both(const torch::Tensor& rows, const torch::Tensor& index,
                                          const torch::Tensor& x, const torch::Tensor& grad,
                                          bool pooling) {
@@ -160,32 +162,27 @@ std::vector<torch::Tensor> backward_both(const torch::Tensor& rows, const torch:
   const torch::Tensor& per_target = pooling ? grad : x;  // [B, M, d]
   TORCH_CHECK(per_pos.size(2) == L && per_target.size(2) == d && grad.size(1) == M,
               "backward: expected [B, M, L] and [B, M, d] tensors");
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), U));
-  auto grad_rows = torch::zeros({U, d}, rows.options());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  auto partial = torch::zeros({parts, U, d}, rows.options());
   torch::Tensor grad_x = pooling ? torch::empty({B, M, L}, x.options())
-                                 : torch::zeros({parts, B, M, d}, x.options());
+                                 : torch::zeros({B, M, d}, x.options());
   const float* R = rows.data_ptr<float>();
   const int64_t* I = index.data_ptr<int64_t>();
   const float* C = per_pos.data_ptr<float>();
   const float* T = per_target.data_ptr<float>();
-  float* G = grad_rows.data_ptr<float>();
+  float* P = partial.data_ptr<float>();
   float* GX = grad_x.data_ptr<float>();
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t part = p0; part < p1; ++part) {
-      const int64_t lo = U * part / parts, hi = U * (part + 1) / parts;
-      float* gq = pooling ? nullptr : GX + part * B * M * d;
-      for (int64_t b = 0; b < B; ++b) {
+      float* G = P + part * U * d;
+      for (int64_t b = B * part / parts; b < B * (part + 1) / parts; ++b) {
         const int64_t* ib = I + b * L;
         for (int64_t l = 0; l < L; ++l) {
           if (l + kAhead < L) {
-            const int64_t ahead = ib[l + kAhead];
-            if (ahead >= lo && ahead < hi) {
-              __builtin_prefetch(R + ahead * stride);
-              __builtin_prefetch(G + ahead * d, 1);
-            }
+            __builtin_prefetch(R + ib[l + kAhead] * stride);
+            __builtin_prefetch(G + ib[l + kAhead] * d, 1);
           }
           const int64_t u = ib[l];
-          if (u < lo || u >= hi) continue;
           const float* r = R + u * stride;
           float* g = G + u * d;
           for (int64_t m = 0; m < M; ++m) {
@@ -201,7 +198,7 @@ std::vector<torch::Tensor> backward_both(const torch::Tensor& rows, const torch:
               }
               GX[bm * L + l] = acc;
             } else {
-              float* q = gq + bm * d;
+              float* q = GX + bm * d;
 #pragma omp simd
               for (int64_t j = 0; j < d; ++j) {
                 g[j] += c * t[j];
@@ -213,11 +210,40 @@ std::vector<torch::Tensor> backward_both(const torch::Tensor& rows, const torch:
       }
     }
   });
-  if (!pooling) grad_x = parts == 1 ? grad_x[0] : grad_x.sum(0);
-  return {grad_rows, grad_x};
+  return {parts == 1 ? partial[0] : partial.sum(0), grad_x};
+}
+
+// (distinct ids [U], inverse with the shape of ids): ids in order of first appearance, in one
+// pass with a vocabulary-sized slot table (torch.unique sorts; the PyTorch bitmap version of
+// models.towers.dedup makes four passes). First-appearance order also keeps one user's rows
+// close together, which the gathers above like.
+std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab) {
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.is_contiguous(),
+              "dedup_ids: ids must be a contiguous int64 tensor");
+  const int64_t n = ids.numel();
+  auto inverse = torch::empty_like(ids);
+  std::vector<int32_t> slot(vocab, -1);
+  std::vector<int64_t> uniq;
+  uniq.reserve(std::min<int64_t>(n, vocab));
+  const int64_t* I = ids.data_ptr<int64_t>();
+  int64_t* inv = inverse.data_ptr<int64_t>();
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t id = I[p];
+    TORCH_CHECK(id >= 0 && id < vocab, "dedup_ids: id ", id, " outside [0, ", vocab, ")");
+    int32_t s = slot[id];
+    if (s < 0) {
+      s = slot[id] = static_cast<int32_t>(uniq.size());
+      uniq.push_back(id);
+    }
+    inv[p] = s;
+  }
+  auto distinct = torch::empty({static_cast<int64_t>(uniq.size())}, ids.options());
+  std::copy(uniq.begin(), uniq.end(), distinct.data_ptr<int64_t>());
+  return {distinct, inverse};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dedup_ids", &dedup_ids, "distinct ids in order of first appearance, and the inverse");
   m.def("backward_both", &backward_both, "rows' and per-target gradients in one pass");
   m.def("gather_dot", &gather_dot, "scores of per-target queries against indexed rows");
   m.def("gather_pool", &gather_pool, "per-target weighted sums of indexed rows");
