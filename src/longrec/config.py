@@ -53,7 +53,7 @@ class TrainConfig:
     schedule: str = "constant"  # "constant" | "cosine" | "linear"
     warmup_steps: int = 0
     bf16: bool = False  # autocast to bfloat16 (AMX on Sapphire Rapids); off until shown equal
-    compile: str = "off"  # "off" | "dense": torch.compile the dense stacks (train/compile.py)
+    compile: str = "none"  # "none" | "dense": torch.compile the dense stacks (train/compile.py)
     loss_reduction: str = "mean"  # "mean" over targets | "per_user": mean per request, then mean
     eval_every: int = 150  # validate every N steps (DARE: 150)
     select_by: str = "auc"  # "auc" | "gauc": best checkpoint by this validation metric

@@ -45,8 +45,14 @@ def test_models_without_a_dense_stack_run_eager():
 
 
 def test_a_bad_mode_is_a_user_error():
-    with pytest.raises(UserError, match=r"train\.compile must be one of off, dense"):
+    with pytest.raises(UserError, match=r"train\.compile must be one of none, dense"):
         compile_dense_modules(build_model("stca", make_schema()), "max")
+
+
+def test_both_modes_parse_from_the_command_line(prepared_taobao):
+    for mode in ("none", "dense"):
+        cfg = resolve(None, [f"train.compile={mode}"], data__path=str(prepared_taobao))
+        assert cfg.train.compile == mode
 
 
 def test_training_with_compile_runs_end_to_end(prepared_taobao, tmp_path):

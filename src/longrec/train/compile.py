@@ -20,7 +20,7 @@ from torch import nn
 from longrec.errors import UserError
 
 log = logging.getLogger(__name__)
-COMPILE_MODES = ("off", "dense")
+COMPILE_MODES = ("none", "dense")
 
 
 def compile_dense_modules(model: nn.Module, mode: str) -> list[str]:
@@ -28,7 +28,7 @@ def compile_dense_modules(model: nn.Module, mode: str) -> list[str]:
     `compile_dense`; returns their names."""
     if mode not in COMPILE_MODES:
         raise UserError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got '{mode}'")
-    if mode == "off":
+    if mode == "none":
         return []
     # Inductor's cache inside the project's cache dir unless the caller chose one (make does)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/inductor").resolve()))
