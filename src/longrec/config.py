@@ -45,7 +45,9 @@ class TrainConfig:
     batch_size: int = 2048  # rows of a batch: samples (pointwise) or requests (request layout)
     lr: float = 0.01
     optimizer: str = "adam"  # dense parameters: "adam" | "adamw" | "sgd"
-    embed_optimizer: str = "adam"  # "adam" (dense, as DARE) | "sparse_adam" | "adagrad" | "sgd"
+    # "adam" (dense, as DARE) | "rowwise_adam" (lazy: touched rows only) | "sparse_adam" |
+    # "adagrad" | "sgd"
+    embed_optimizer: str = "adam"
     embed_lr: float | None = None  # default: lr
     l2: float = 1e-6  # DARE: explicit L2 penalty on non-bias, non-embedding weights
     weight_decay: float = 0.0  # decoupled weight decay (adamw) instead of / besides l2

@@ -114,3 +114,32 @@ def dedup_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     """(distinct ids in order of first appearance [U], inverse with the shape of ids)."""
     uniq, inverse = _extension().dedup_ids(ids.contiguous().long(), vocab)
     return uniq, inverse
+
+
+def rowwise_adam_(
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    rows: Tensor,
+    grad: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias1: float,
+    bias2: float,
+) -> None:
+    """Adam on the distinct `rows` of a table ([U] ids, grad [U, d]), in place, one pass."""
+    _extension().rowwise_adam_(
+        param,
+        exp_avg,
+        exp_avg_sq,
+        rows.contiguous(),
+        grad.contiguous(),
+        lr,
+        beta1,
+        beta2,
+        eps,
+        bias1,
+        bias2,
+    )

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -242,7 +243,52 @@ std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab) {
   return {distinct, inverse};
 }
 
+// Lazy Adam on the given distinct rows of a table, in place, one pass: for each row, its
+// weights and both moments are read, updated and written once (train/rowwise_adam.py).
+void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
+                   const torch::Tensor& rows, const torch::Tensor& grad, double lr, double beta1,
+                   double beta2, double eps, double bias1, double bias2) {
+  for (const auto* t : {&param, &exp_avg, &exp_avg_sq})
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                "rowwise_adam_: tables and moments must be contiguous float32 [V, d]");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.is_contiguous() && rows.dim() == 1,
+              "rowwise_adam_: rows must be a contiguous int64 [U] tensor");
+  TORCH_CHECK(grad.dim() == 2 && grad.scalar_type() == torch::kFloat && grad.is_contiguous() &&
+                  grad.size(0) == rows.size(0) && grad.size(1) == param.size(1),
+              "rowwise_adam_: grad must be a contiguous float32 [U, d] tensor");
+  const int64_t U = rows.size(0), d = param.size(1), V = param.size(0);
+  float* P = param.data_ptr<float>();
+  float* M = exp_avg.data_ptr<float>();
+  float* S = exp_avg_sq.data_ptr<float>();
+  const int64_t* R = rows.data_ptr<int64_t>();
+  const float* G = grad.data_ptr<float>();
+  const float b1 = beta1, b2 = beta2, step = lr / bias1, inv_bias2 = 1.0 / bias2, e = eps;
+  at::parallel_for(0, U, 1024, [&](int64_t u0, int64_t u1) {
+    for (int64_t i = u0; i < u1; ++i) {
+      if (i + kAhead < u1) {
+        const int64_t ahead = R[i + kAhead] * d;
+        __builtin_prefetch(P + ahead, 1);
+        __builtin_prefetch(M + ahead, 1);
+        __builtin_prefetch(S + ahead, 1);
+      }
+      const int64_t r = R[i];
+      TORCH_CHECK(r >= 0 && r < V, "rowwise_adam_: row ", r, " outside [0, ", V, ")");
+      float* p = P + r * d;
+      float* m = M + r * d;
+      float* s = S + r * d;
+      const float* g = G + i * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        m[j] = b1 * m[j] + (1.f - b1) * g[j];
+        s[j] = b2 * s[j] + (1.f - b2) * g[j] * g[j];
+        p[j] -= step * m[j] / (std::sqrt(s[j] * inv_bias2) + e);
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rowwise_adam_", &rowwise_adam_, "lazy Adam on distinct rows, in place");
   m.def("dedup_ids", &dedup_ids, "distinct ids in order of first appearance, and the inverse");
   m.def("backward_both", &backward_both, "rows' and per-target gradients in one pass");
   m.def("gather_dot", &gather_dot, "scores of per-target queries against indexed rows");
