@@ -59,8 +59,8 @@ def test_kernels_equal_gather_and_matmul(u, b, length, m, d):
 
 @pytest.mark.parametrize("wanted", ["rows", "per_target"])
 def test_one_gradient_alone_equals_both(wanted):
-    """The backward computes both gradients in one pass when both are needed and runs
-    separate kernels otherwise: the two routes agree."""
+    """The backward computes the rows' gradient together with the per-target one, and the
+    per-target one alone with the dual kernel: each route agrees with both together."""
     both, index, query, weight = _case(300, 16, 40, 4, 16, seed=5)
 
     def grads(*inputs):

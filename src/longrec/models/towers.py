@@ -60,7 +60,8 @@ class HistoryField:
     fused: bool = False  # read rows straight from `rows` with nn.row_kernels where possible
     target_inverse: Tensor | None = None  # the targets' ids in `rows` (training only)
 
-    def _use_kernels(self, x: Tensor) -> bool:
+    def uses_kernels(self, x: Tensor) -> bool:
+        """Whether dot / weighted_sum run the row kernels for this per-target tensor."""
         return (
             self.fused
             and self.value_mask is None
@@ -97,13 +98,13 @@ class HistoryField:
 
     def weighted_sum(self, weights: Tensor) -> Tensor:
         """sum_l weights[b, m, l] * e[b, l] -> [B, M, d]."""
-        if self._use_kernels(weights):
+        if self.uses_kernels(weights):
             return row_kernels.gather_pool(self.rows, self.inverse, weights)
         return torch.matmul(weights, self.dense().to(weights.dtype))
 
     def dot(self, query: Tensor) -> Tensor:
         """<query[b, m], e[b, l]> -> [B, M, L]."""
-        if self._use_kernels(query):
+        if self.uses_kernels(query):
             return row_kernels.gather_dot(self.rows, self.inverse, query)
         return torch.matmul(query, self.dense().transpose(-1, -2))
 
@@ -197,14 +198,18 @@ class EmbeddingSet(nn.Module):
             return None
         return self.pos(relative_positions(length, device, self.max_positions))
 
-    def history(self, batch: Batch, distinct: dict[str, tuple[Tensor, Tensor]]) -> HistoryEmbedding:
+    def history(self, batch: Batch, distinct: dict[str, tuple[Tensor, ...]]) -> HistoryEmbedding:
+        """`distinct[f]`: (distinct ids, history index) or, from Towers.distinct_ids, also
+        the targets' index."""
         fields = []
         for f in self.fields:
-            uniq, inverse, *target_inverse = distinct[f]  # (uniq, inverse[, target inverse])
+            uniq, inverse, *target_inverse = distinct[f]
             vmask = (batch.history[f] != 0) if f in self.multi else None
-            field = HistoryField(self.tables[f](uniq), inverse, vmask, fused=self.fused)
-            field.target_inverse = target_inverse[0] if target_inverse else None
-            fields.append(field)
+            rows = self.tables[f](uniq)
+            target_inverse = target_inverse[0] if target_inverse else None
+            fields.append(
+                HistoryField(rows, inverse, vmask, fused=self.fused, target_inverse=target_inverse)
+            )
         return HistoryEmbedding(
             fields, self.positions(batch.history_len, batch.history_mask.device)
         )
@@ -363,9 +368,7 @@ class Towers(nn.Module):
         if keys is values or self.projections is not None:
             return keys, values
         for k, v in zip(keys.fields, values.fields, strict=True):
-            if k.value_mask is not None:
-                continue
-            if k.fused and row_kernels.applicable(k.rows):
+            if k.value_mask is not None or k.uses_kernels(k.rows):
                 continue
             both = gather_rows(torch.cat((k.rows, v.rows), dim=1), k.inverse)
             # split (not two slices): its backward concatenates both gradients in one pass

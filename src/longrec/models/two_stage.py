@@ -101,8 +101,7 @@ class TwoStageModel(SequenceModel):
         # one table lookup per step for history and targets (Towers.distinct_ids)
         cache: dict = {}
         state = self._encode(batch, self.towers.distinct_ids(batch, with_targets=True), cache)
-        state["cache"] = cache
-        logits, aux = self._run(state, batch, aux=self.aux_head is not None)
+        logits, aux = self._run(state, batch, aux=self.aux_head is not None, cache=cache)
         return logits, ([(aux, self.params.aux_weight)] if aux is not None else [])
 
     def search_scores(self, batch: Batch) -> Tensor:
@@ -112,9 +111,11 @@ class TwoStageModel(SequenceModel):
         return scores(state["keys"], self.towers.target("attn_tgt", batch))
 
     # -- pieces ---------------------------------------------------------------------------
-    def _run(self, state: UserState, batch: Batch, aux: bool) -> tuple[Tensor, Tensor | None]:
+    def _run(
+        self, state: UserState, batch: Batch, aux: bool, cache: dict | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """`cache`: the table lookups of `_encode`, which the targets reuse in training."""
         p = self.params
-        cache = state.get("cache")
         s = scores(state["keys"], self.towers.target("attn_tgt", batch, cache))  # [B, M, L]
         mask, values = state["mask"], state["values"]
         if p.search == "full":

@@ -56,58 +56,40 @@ def applicable(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
 
 
-class _GatherDot(torch.autograd.Function):
+class _Gather(torch.autograd.Function):
+    """gather_dot (pooling=False: x is the query [B, M, d], out [B, M, L]) and its dual
+    gather_pool (pooling=True: x is the weight [B, M, L], out [B, M, d]). The gradient with
+    respect to x is the other kernel applied to the incoming gradient."""
+
     @staticmethod
-    def forward(ctx, rows: Tensor, index: Tensor, query: Tensor) -> Tensor:
-        ctx.save_for_backward(rows, index, query)
-        return _extension().gather_dot(rows, index, query)
+    def forward(ctx, rows: Tensor, index: Tensor, x: Tensor, pooling: bool) -> Tensor:
+        ctx.save_for_backward(rows, index, x)
+        ctx.pooling = pooling
+        kernel = _extension().gather_pool if pooling else _extension().gather_dot
+        return kernel(rows, index, x)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        rows, index, query = ctx.saved_tensors
+        rows, index, x = ctx.saved_tensors
         ext, grad = _extension(), grad.contiguous()
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[2]:
-            grad_rows, grad_query = ext.backward_both(rows, index, query, grad, False)
-            return grad_rows, None, grad_query
-        grad_rows = grad_query = None
-        if ctx.needs_input_grad[0]:
-            grad_rows = ext.scatter_outer(index, grad, query, rows.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_query = ext.gather_pool(rows, index, grad)
-        return grad_rows, None, grad_query
-
-
-class _GatherPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(rows, index, weight)
-        return _extension().gather_pool(rows, index, weight)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        rows, index, weight = ctx.saved_tensors
-        ext, grad = _extension(), grad.contiguous()
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[2]:
-            grad_rows, grad_weight = ext.backward_both(rows, index, weight, grad, True)
-            return grad_rows, None, grad_weight
-        grad_rows = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_rows = ext.scatter_outer(index, weight, grad, rows.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_weight = ext.gather_dot(rows, index, grad)
-        return grad_rows, None, grad_weight
+        if ctx.needs_input_grad[0]:  # the per-target gradient comes with it in the same pass
+            grad_rows, grad_x = ext.gather_backward(rows, index, x, grad, ctx.pooling)
+            return grad_rows, None, grad_x if ctx.needs_input_grad[2] else None, None
+        if not ctx.needs_input_grad[2]:
+            return None, None, None, None
+        dual = ext.gather_dot if ctx.pooling else ext.gather_pool
+        return None, None, dual(rows, index, grad), None
 
 
 def gather_dot(rows: Tensor, index: Tensor, query: Tensor) -> Tensor:
     """query [B, M, d] against rows[index] ([U, d] at [B, L]) -> scores [B, M, L]."""
-    return _GatherDot.apply(rows, index.contiguous(), query.contiguous())
+    return _Gather.apply(rows, index.contiguous(), query.contiguous(), False)
 
 
 def gather_pool(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     """sum_l weight[b, m, l] * rows[index[b, l]] -> [B, M, d]."""
-    return _GatherPool.apply(rows, index.contiguous(), weight.contiguous())
+    return _Gather.apply(rows, index.contiguous(), weight.contiguous(), True)
 
 
 def dedup_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:

@@ -32,34 +32,42 @@ void check(const torch::Tensor& rows, const torch::Tensor& index, const torch::T
               what, ": expected a contiguous float32 [B, M, *] tensor with B = ", index.size(0));
 }
 
+// Calls visit(b, l, row) for every behaviour, batch rows split across threads, prefetching
+// each row kAhead behaviours before it is visited.
+template <typename Visit>
+void over_history(const torch::Tensor& rows, const torch::Tensor& index, Visit&& visit) {
+  const int64_t B = index.size(0), L = index.size(1), stride = rows.stride(0);
+  const float* R = rows.data_ptr<float>();
+  const int64_t* I = index.data_ptr<int64_t>();
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* ib = I + b * L;
+      for (int64_t l = 0; l < L; ++l) {
+        if (l + kAhead < L) __builtin_prefetch(R + ib[l + kAhead] * stride);
+        visit(b, l, R + ib[l] * stride);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // out[b, m, l] = <query[b, m, :], rows[index[b, l], :]>
 torch::Tensor gather_dot(const torch::Tensor& rows, const torch::Tensor& index,
                          const torch::Tensor& query) {
   check(rows, index, query, "gather_dot");
-  const int64_t B = index.size(0), L = index.size(1), M = query.size(1), d = rows.size(1);
-  const int64_t stride = rows.stride(0);
+  const int64_t L = index.size(1), M = query.size(1), d = rows.size(1);
   TORCH_CHECK(query.size(2) == d, "gather_dot: query width ", query.size(2), " != rows width ", d);
-  auto out = torch::empty({B, M, L}, query.options());
-  const float* R = rows.data_ptr<float>();
-  const int64_t* I = index.data_ptr<int64_t>();
+  auto out = torch::empty({index.size(0), M, L}, query.options());
   const float* Q = query.data_ptr<float>();
   float* S = out.data_ptr<float>();
-  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t* ib = I + b * L;
-      for (int64_t l = 0; l < L; ++l) {
-        if (l + kAhead < L) __builtin_prefetch(R + ib[l + kAhead] * stride);
-        const float* r = R + ib[l] * stride;
-        for (int64_t m = 0; m < M; ++m) {
-          const float* q = Q + (b * M + m) * d;
-          float acc = 0.f;
+  over_history(rows, index, [&](int64_t b, int64_t l, const float* r) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* q = Q + (b * M + m) * d;
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < d; ++j) acc += q[j] * r[j];
-          S[(b * M + m) * L + l] = acc;
-        }
-      }
+      for (int64_t j = 0; j < d; ++j) acc += q[j] * r[j];
+      S[(b * M + m) * L + l] = acc;
     }
   });
   return out;
@@ -69,94 +77,37 @@ torch::Tensor gather_dot(const torch::Tensor& rows, const torch::Tensor& index,
 torch::Tensor gather_pool(const torch::Tensor& rows, const torch::Tensor& index,
                           const torch::Tensor& weight) {
   check(rows, index, weight, "gather_pool");
-  const int64_t B = index.size(0), L = index.size(1), M = weight.size(1), d = rows.size(1);
-  const int64_t stride = rows.stride(0);
+  const int64_t L = index.size(1), M = weight.size(1), d = rows.size(1);
   TORCH_CHECK(weight.size(2) == L, "gather_pool: weight length ", weight.size(2), " != ", L);
-  auto out = torch::zeros({B, M, d}, weight.options());
-  const float* R = rows.data_ptr<float>();
-  const int64_t* I = index.data_ptr<int64_t>();
+  auto out = torch::zeros({index.size(0), M, d}, weight.options());
   const float* W = weight.data_ptr<float>();
   float* P = out.data_ptr<float>();
-  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t* ib = I + b * L;
-      for (int64_t l = 0; l < L; ++l) {
-        if (l + kAhead < L) __builtin_prefetch(R + ib[l + kAhead] * stride);
-        const float* r = R + ib[l] * stride;
-        for (int64_t m = 0; m < M; ++m) {
-          float* p = P + (b * M + m) * d;
-          const float w = W[(b * M + m) * L + l];
+  over_history(rows, index, [&](int64_t b, int64_t l, const float* r) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* p = P + (b * M + m) * d;
+      const float w = W[(b * M + m) * L + l];
 #pragma omp simd
-          for (int64_t j = 0; j < d; ++j) p[j] += w * r[j];
-        }
-      }
+      for (int64_t j = 0; j < d; ++j) p[j] += w * r[j];
     }
   });
   return out;
 }
 
-// out[u, :] = sum over (b, l) with index[b, l] == u of sum_m coef[b, m, l] * x[b, m, :]
-// Each thread owns a contiguous range of rows and scans the whole index, so no two threads
-// write the same row and the order of the sums is fixed: results are deterministic.
-torch::Tensor scatter_outer(const torch::Tensor& index, const torch::Tensor& coef,
-                            const torch::Tensor& x, int64_t n_rows) {
-  TORCH_CHECK(index.dim() == 2 && index.scalar_type() == torch::kLong && index.is_contiguous(),
-              "scatter_outer: index must be a contiguous int64 [B, L] tensor");
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.is_contiguous() &&
-                  x.size(0) == index.size(0),
-              "scatter_outer: x must be a contiguous float32 [B, M, d] tensor");
-  TORCH_CHECK(coef.dim() == 3 && coef.is_contiguous() && coef.scalar_type() == torch::kFloat &&
-                  coef.size(0) == index.size(0) && coef.size(1) == x.size(1) &&
-                  coef.size(2) == index.size(1),
-              "scatter_outer: coef must be a contiguous float32 [B, M, L] tensor");
-  const int64_t B = index.size(0), L = index.size(1), M = x.size(1), d = x.size(2);
-  auto out = torch::zeros({n_rows, d}, x.options());
-  const int64_t* I = index.data_ptr<int64_t>();
-  const float* C = coef.data_ptr<float>();
-  const float* X = x.data_ptr<float>();
-  float* G = out.data_ptr<float>();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows));
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t part = p0; part < p1; ++part) {
-      const int64_t lo = n_rows * part / parts, hi = n_rows * (part + 1) / parts;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t* ib = I + b * L;
-        for (int64_t l = 0; l < L; ++l) {
-          if (l + kAhead < L) {
-            const int64_t ahead = ib[l + kAhead];
-            if (ahead >= lo && ahead < hi) __builtin_prefetch(G + ahead * d, 1);
-          }
-          const int64_t u = ib[l];
-          if (u < lo || u >= hi) continue;
-          float* g = G + u * d;
-          for (int64_t m = 0; m < M; ++m) {
-            const float c = C[(b * M + m) * L + l];
-            const float* xm = X + (b * M + m) * d;
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) g[j] += c * xm[j];
-          }
-        }
-      }
-    }
-  });
-  return out;
-}
-
-// Both gradients of one kernel in one pass over the index: the row and its gradient row are
-// loaded once for the two.
+// The backward of both kernels: the rows' gradient and the per-target one in one pass over the
+// index, the row and its gradient row loaded once for the two.
 //   pooling   (x = weight [B, M, L]):  grad_rows[u] += sum_m x[b, m, l] * grad[b, m, :]
 //                                      grad_x[b, m, l] = <grad[b, m, :], rows[u, :]>
 //   scores    (x = query [B, M, d]):   grad_rows[u] += sum_m grad[b, m, l] * x[b, m, :]
 //                                      grad_x[b, m, :] = sum_l grad[b, m, l] * rows[u, :]
 // Each thread takes a fixed share of the batch rows and adds into its own copy of the rows'
-// gradient; the copies are summed in thread order, so results are deterministic. (Owning row
-// ranges instead, as scatter_outer does, makes every thread scan the whole index through an
-// unpredictable branch: slower when the rows fit in cache, as the categories' do.)
-std::vector<torch::Tensor> backward_both(const torch::Tensor& rows, const torch::Tensor& index,
+// gradient; the copies are summed in thread order, so results are deterministic. (Giving each
+// thread a range of rows instead makes every thread scan the whole index through an
+// unpredictable branch: measured slower, most of all when the rows fit in cache.)
+std::vector<torch::Tensor> gather_backward(const torch::Tensor& rows, const torch::Tensor& index,
                                          const torch::Tensor& x, const torch::Tensor& grad,
                                          bool pooling) {
-  check(rows, index, grad, pooling ? "pool_backward" : "dot_backward");
-  check(rows, index, x, pooling ? "pool_backward" : "dot_backward");
+  check(rows, index, grad, pooling ? "gather_pool backward" : "gather_dot backward");
+  check(rows, index, x, pooling ? "gather_pool backward" : "gather_dot backward");
   const int64_t B = index.size(0), L = index.size(1), M = x.size(1), d = rows.size(1);
   const int64_t U = rows.size(0), stride = rows.stride(0);
   const torch::Tensor& per_pos = pooling ? x : grad;     // [B, M, L]
@@ -290,8 +241,7 @@ void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rowwise_adam_", &rowwise_adam_, "lazy Adam on distinct rows, in place");
   m.def("dedup_ids", &dedup_ids, "distinct ids in order of first appearance, and the inverse");
-  m.def("backward_both", &backward_both, "rows' and per-target gradients in one pass");
+  m.def("gather_backward", &gather_backward, "rows' and per-target gradients in one pass");
   m.def("gather_dot", &gather_dot, "scores of per-target queries against indexed rows");
   m.def("gather_pool", &gather_pool, "per-target weighted sums of indexed rows");
-  m.def("scatter_outer", &scatter_outer, "per-row sums of coef-weighted per-target vectors");
 }
