@@ -34,6 +34,7 @@ class DinParams:
     attn_hidden: int = 36
     target_repr: bool = True
     hidden: tuple[int, ...] = (200, 80)
+    type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01
 
 
@@ -51,7 +52,12 @@ class DinModel(SequenceModel):
         )
         d = self.tables.sem_dim + self.tables.pos_dim
         self.attention = DinScore(d, p.attn_hidden)
-        self.head = MLPHead(3 * d if p.target_repr else 2 * d, p.hidden)
+        self.head = MLPHead(
+            3 * d if p.target_repr else 2 * d,
+            p.hidden,
+            target_types=schema.n_target_types,
+            type_dim=p.type_dim,
+        )
         init_normal(self, p.init_std)
         zero_padding_rows(self)
 
@@ -84,4 +90,6 @@ class DinModel(SequenceModel):
         else:
             pooled = torch.matmul(masked_softmax(scores, mask), keys)
         parts = [target, pooled, target * pooled] if self.params.target_repr else [target, pooled]
-        return self.head(torch.cat(parts, dim=-1), batch.target_mask)
+        return self.head(
+            torch.cat(parts, dim=-1), batch.target_mask, batch.target.get("target_type")
+        )

@@ -72,6 +72,7 @@ class EtaParams:
     heads: int = 2  # multihead ESU only
     target_repr: bool = True  # TR: v_t ⊙ h into the MLP
     hidden: tuple[int, ...] = (200, 80)
+    type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
     dedup: bool = False  # look each distinct id of a batch up once
 
@@ -96,7 +97,12 @@ class EtaModel(SequenceModel):
         self.attention = (
             MultiHeadTargetAttention(d, d, d, p.heads) if p.esu == "multihead" else None
         )
-        self.head = MLPHead(3 * d if p.target_repr else 2 * d, p.hidden)
+        self.head = MLPHead(
+            3 * d if p.target_repr else 2 * d,
+            p.hidden,
+            target_types=schema.n_target_types,
+            type_dim=p.type_dim,
+        )
         self.register_buffer("planes", random_planes(self.tables.sem_dim, p.bits, p.hash_seed))
         init_weights(self, p.init_std)
 
@@ -129,7 +135,11 @@ class EtaModel(SequenceModel):
                 scores = scores + bias[idx].to(scores.dtype)
             weights = masked_softmax(scores, valid)  # [B, M, K]
             pooled = (weights.unsqueeze(-1) * values).sum(2)
-        return self.head(tr_input(target, pooled, p.target_repr), batch.target_mask)
+        return self.head(
+            tr_input(target, pooled, p.target_repr),
+            batch.target_mask,
+            batch.target.get("target_type"),
+        )
 
     def search_scores(self, batch: Batch) -> Tensor:
         state = self.encode_user(batch)

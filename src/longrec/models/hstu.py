@@ -95,6 +95,7 @@ class HstuParams:
     attn_norm: str = "max_len"  # max_len (divide by max_len + 1) | count (by the causal length)
     dropout: float = 0.0  # on the input tokens and before f_2
     hidden: tuple[int, ...] = (200, 80)  # MLP head widths
+    type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01  # N(0, std) for field and rab tables and the head
     micro_batch: int = 0  # eval: score the targets in chunks of this size (0 = all at once)
     dedup: bool = False  # look each distinct id of a batch up once
@@ -288,7 +289,7 @@ class HstuModel(SequenceModel):
         if p.rab != "none":
             self.rab = RelativeBias(p.rab, p.n_layers, p.n_heads, p, sparse_embeddings)
         self.final_ln = nn.LayerNorm(d)
-        self.head = MLPHead(d, p.hidden)
+        self.head = MLPHead(d, p.hidden, target_types=schema.n_target_types, type_dim=p.type_dim)
         for part in (self.embed, self.rab, self.head):
             if part is not None:
                 init_normal(part, p.init_std)
@@ -373,7 +374,7 @@ class HstuModel(SequenceModel):
             if bias_own is not None:
                 own = own + bias_own
             x = layer.output(x, u, av + F.silu(own) / norm * v)
-        return self.head(self.final_ln(x), batch.target_mask)
+        return self.head(self.final_ln(x), batch.target_mask, batch.target.get("target_type"))
 
 
 def _targets(batch: Batch, start: int, stop: int) -> Batch:

@@ -308,6 +308,7 @@ class IatParams:
     query_hidden: int = 128  # query compression MLP [INFER: the paper's d_query is 512]
     dropout: float = 0.0
     hidden: tuple[int, ...] = (200, 80)  # prediction MLP, as the project's other heads
+    type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01
 
 
@@ -340,7 +341,12 @@ class IatModel(SequenceModel):
             nn.LayerNorm(p.dim),
         )
         self.cross = MultiHeadTargetAttention(p.dim, p.dim, p.dim, p.heads)
-        self.head = MLPHead(self.features.out_dim + p.dim, p.hidden)
+        self.head = MLPHead(
+            self.features.out_dim + p.dim,
+            p.hidden,
+            target_types=schema.n_target_types,
+            type_dim=p.type_dim,
+        )
         init_normal(self.features, p.init_std)
         for table in (self.label, self.gap):
             if table is not None:
@@ -406,4 +412,6 @@ class IatModel(SequenceModel):
     def score(self, state: UserState, batch: Batch) -> Tensor:
         x = self.features(state, batch)  # [B, M, F]
         iat_token = self.cross(self.query(x), state["tokens"], state["token_valid"])
-        return self.head(torch.cat((x, iat_token), dim=-1), batch.target_mask)
+        return self.head(
+            torch.cat((x, iat_token), dim=-1), batch.target_mask, batch.target.get("target_type")
+        )

@@ -137,6 +137,7 @@ class LongerParams:
     null_key: bool = False  # every query may also attend to "nothing" (score 0, value 0) [INFER]
     cache: bool = True  # KV-cache path; False recomputes everything per target (reference)
     hidden: tuple[int, ...] = (200, 80)
+    type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01
 
 
@@ -210,7 +211,9 @@ class LongerModel(SequenceModel):
             PreLNBlock(dm, p.heads, ffn, p.dropout, p.null_key) for _ in range(1 + p.n_layers)
         )
         self.final_ln = nn.LayerNorm(dm)
-        self.head = MLPHead(self.n_global * dm, p.hidden)
+        self.head = MLPHead(
+            self.n_global * dm, p.hidden, target_types=schema.n_target_types, type_dim=p.type_dim
+        )
         for part in (self.items, self.side, self.time, self.pos, self.user, self.head):
             if part is not None:
                 init_normal(part, p.init_std)
@@ -484,4 +487,6 @@ class LongerModel(SequenceModel):
 
     def _head(self, final: Tensor, batch: Batch) -> Tensor:
         """Global tokens [B, M, g, d'] (order candidate, CLS, user) -> logits [B, M]."""
-        return self.head(self.final_ln(final).flatten(-2), batch.target_mask)
+        return self.head(
+            self.final_ln(final).flatten(-2), batch.target_mask, batch.target.get("target_type")
+        )

@@ -56,6 +56,7 @@ class SdimParams:
     pooling: str = "match"  # match (per target) | buckets (per user, in encode_user); same result
     target_repr: bool = True  # TR: v_t ⊙ h into the MLP
     hidden: tuple[int, ...] = (200, 80)
+    type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
     dedup: bool = False  # look each distinct id of a batch up once
 
@@ -78,7 +79,12 @@ class SdimModel(SequenceModel):
             schema, self.fields, p.embed_dim, p.pos_dim, sparse_embeddings, p.dedup
         )
         d = self.tables.sem_dim + self.tables.pos_dim
-        self.head = MLPHead(3 * d if p.target_repr else 2 * d, p.hidden)
+        self.head = MLPHead(
+            3 * d if p.target_repr else 2 * d,
+            p.hidden,
+            target_types=schema.n_target_types,
+            type_dim=p.type_dim,
+        )
         planes = random_planes(self.tables.sem_dim, p.hashes * p.bits_per_hash, p.hash_seed)
         self.register_buffer("planes", planes)
         shifts = torch.arange(p.bits_per_hash, dtype=torch.int16)
@@ -124,7 +130,11 @@ class SdimModel(SequenceModel):
         else:
             pooled = per_hash.mean(2)  # average over the hash functions
         target = joined(query, query_pos)
-        return self.head(tr_input(target, pooled, self.params.target_repr), batch.target_mask)
+        return self.head(
+            tr_input(target, pooled, self.params.target_repr),
+            batch.target_mask,
+            batch.target.get("target_type"),
+        )
 
     def search_scores(self, batch: Batch) -> Tensor:
         """Number of hash functions in which each behaviour collides with the target."""

@@ -130,6 +130,7 @@ class SimParams:
     esu_weight: float = 1.0  # β: weight of the main (ESU) CTR loss
     target_repr: bool = True  # TR: v_t ⊙ h into the MLP
     hidden: tuple[int, ...] = (200, 80)
+    type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
     dedup: bool = False  # look each distinct id of a batch up once
 
@@ -166,7 +167,12 @@ class SimModel(SequenceModel):
         )
         d = self.embed.out_dim + max(p.time_dim, 0)
         self.esu = MultiHeadTargetAttention(d, d, d, p.heads)
-        self.head = MLPHead(3 * d if p.target_repr else 2 * d, p.hidden)
+        self.head = MLPHead(
+            3 * d if p.target_repr else 2 * d,
+            p.hidden,
+            target_types=schema.n_target_types,
+            type_dim=p.type_dim,
+        )
         self.gsu = self.w_a = self.w_b = self.aux_head = None
         if p.search == "soft":
             if p.gsu_shared:
@@ -183,7 +189,9 @@ class SimModel(SequenceModel):
             self.w_a = nn.Linear(gsu_width, proj, bias=False)
             self.w_b = nn.Linear(gsu_width, proj, bias=False)
             in_aux = 3 * gsu_width if p.target_repr else 2 * gsu_width
-            self.aux_head = MLPHead(in_aux, p.hidden[:1])
+            self.aux_head = MLPHead(
+                in_aux, p.hidden[:1], target_types=schema.n_target_types, type_dim=p.type_dim
+            )
         init_weights(self, p.init_std)
 
     # -- contract -------------------------------------------------------------------------
@@ -253,13 +261,21 @@ class SimModel(SequenceModel):
             own = self.time.weight[0].to(target.dtype)
             target = torch.cat((target, own.expand(*target.shape[:-1], own.shape[-1])), dim=-1)
         pooled = self.esu(target, keys, valid)  # [B, M, D]
-        logits = self.head(tr_input(target, pooled, p.target_repr), batch.target_mask)
+        logits = self.head(
+            tr_input(target, pooled, p.target_repr),
+            batch.target_mask,
+            batch.target.get("target_type"),
+        )
         gsu_logits = None
         if aux and r is not None:
             weights = masked_softmax(r, state["mask"])  # over the whole long sequence
             user = torch.matmul(weights, state["gsu"])
             gsu_target = self._gsu_embed(batch.target)
-            gsu_logits = self.aux_head(tr_input(gsu_target, user, p.target_repr), batch.target_mask)
+            gsu_logits = self.aux_head(
+                tr_input(gsu_target, user, p.target_repr),
+                batch.target_mask,
+                batch.target.get("target_type"),
+            )
         return logits, gsu_logits
 
 

@@ -97,6 +97,7 @@ class StcaParams:
     token_dedup: bool = True  # run the history transform on distinct tokens only (exact)
     head_target: bool = True  # head input [z ‖ x_t] (else z)
     hidden: tuple[int, ...] = (200, 80)  # MLP head widths
+    type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.05  # embedding tables N(0, init_std)
     init_gain: float = 8.0  # linear weights before a LayerNorm: gain x PyTorch's init (see above)
 
@@ -153,7 +154,12 @@ class StcaModel(SequenceModel):
         )
         self.readout_in = nn.Linear((p.layers + 1) * d, d, bias=False)  # W_Z
         self.readout = SwiGLU(d, p.ratio)
-        self.head = MLPHead(2 * d if p.head_target else d, p.hidden)
+        self.head = MLPHead(
+            2 * d if p.head_target else d,
+            p.hidden,
+            target_types=schema.n_target_types,
+            type_dim=p.type_dim,
+        )
         with torch.no_grad():
             for name, module in self.named_modules():
                 if isinstance(module, nn.Linear) and not name.startswith(("head.", "readout")):
@@ -316,4 +322,4 @@ class StcaModel(SequenceModel):
                 q = self.query_norm[i + 1](self.query_ffn[i + 1](fused))
         z = self.readout(self.readout_in(torch.cat([*outs, x_t], dim=-1)))
         head_in = torch.cat((z, x_t), dim=-1) if p.head_target else z
-        return self.head(head_in, batch.target_mask), first_scores
+        return self.head(head_in, batch.target_mask, batch.target.get("target_type")), first_scores

@@ -65,6 +65,7 @@ class TinParams:
     dsi_groups: tuple[tuple[str, ...], ...] | None = None  # default: see _default_groups
     type_heads: bool = False
     hidden: tuple[int, ...] = (200, 80)
+    type_dim: int = 8  # target-type embedding into the head(s) when the data has types; 0 = off
     init_std: float = 0.01
 
 
@@ -132,9 +133,10 @@ class TinModel(SequenceModel):
         n_branches = len(self.levels) if p.search == "hier" and p.hier_reading == "per_level" else 1
         in_dim = pooled * n_branches + 2 * d
         n_heads = self.n_types if p.type_heads else 1
-        self.heads = nn.ModuleList(MLPHead(in_dim, p.hidden) for _ in range(n_heads))
+        types = {"target_types": schema.n_target_types, "type_dim": p.type_dim}
+        self.heads = nn.ModuleList(MLPHead(in_dim, p.hidden, **types) for _ in range(n_heads))
         self.aux_head = (
-            MLPHead(3 * d, p.hidden[:1])
+            MLPHead(3 * d, p.hidden[:1], **types)
             if p.search in ("soft", "hier+soft") and p.aux_loss
             else None
         )
@@ -264,7 +266,7 @@ class TinModel(SequenceModel):
         if aux:
             full = state["values"].pool_all(masked_softmax(soft_scores, state["mask"]))
             aux_logits = self.aux_head(
-                torch.cat((target, full, target * full), dim=-1), batch.target_mask
+                torch.cat((target, full, target * full), dim=-1), batch.target_mask, ttype
             )
         return logits, aux_logits
 
@@ -322,12 +324,12 @@ class TinModel(SequenceModel):
 
     def _heads(self, x: Tensor, batch: Batch, ttype) -> Tensor:
         if len(self.heads) == 1 or ttype is None:
-            return self.heads[0](x, batch.target_mask)
+            return self.heads[0](x, batch.target_mask, ttype)
         out = torch.zeros(batch.target_mask.shape, dtype=x.dtype)
         for t, head in enumerate(self.heads):
             rows = batch.target_mask & (ttype == t)
             if rows.any():
-                out = out + head(x, rows)
+                out = out + head(x, rows, ttype)
         return out
 
 

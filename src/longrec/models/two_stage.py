@@ -45,6 +45,7 @@ class TwoStageParams:
     aux_loss: bool = True  # full-sequence auxiliary head, on in all of DARE's scripts
     aux_weight: float = 1.0
     hidden: tuple[int, ...] = (200, 80)
+    type_dim: int = 8  # target-type embedding into the head(s) when the data has types; 0 = off
     init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
     # Speed only: scores and full-sequence pooling read the distinct rows with the C++ kernels
     # of nn.row_kernels instead of gathering [B, L, d] (same results to float rounding).
@@ -78,8 +79,13 @@ class TwoStageModel(SequenceModel):
         )
         d = self.towers.repr_dim()
         in_dim = d if p.only_odot else (3 * d if p.target_repr else 2 * d)
-        self.head = MLPHead(in_dim, p.hidden)
-        self.aux_head = MLPHead(in_dim, p.hidden[:1]) if p.aux_loss else None
+        types = (schema.n_target_types, p.type_dim)
+        self.head = MLPHead(in_dim, p.hidden, target_types=types[0], type_dim=types[1])
+        self.aux_head = (
+            MLPHead(in_dim, p.hidden[:1], target_types=types[0], type_dim=types[1])
+            if p.aux_loss
+            else None
+        )
         init_normal(self, p.init_std)
         zero_padding_rows(self)
 
@@ -128,11 +134,12 @@ class TwoStageModel(SequenceModel):
             weights = masked_softmax(torch.gather(s, 2, idx), valid)  # [B, M, K]
             pooled = values.pool_at(idx, weights)
         target = self.towers.target("repr_tgt", batch, cache).joined()
-        logits = self.head(self._mlp_input(target, pooled), batch.target_mask)
+        ttype = batch.target.get("target_type")
+        logits = self.head(self._mlp_input(target, pooled), batch.target_mask, ttype)
         aux_logits = None
         if aux:
             full = values.pool_all(masked_softmax(s, mask))
-            aux_logits = self.aux_head(self._mlp_input(target, full), batch.target_mask)
+            aux_logits = self.aux_head(self._mlp_input(target, full), batch.target_mask, ttype)
         return logits, aux_logits
 
     def _mlp_input(self, target: Tensor, pooled: Tensor) -> Tensor:
