@@ -244,6 +244,8 @@ def test_sdim_bucket_and_match_pooling_agree(schema, batch, average):
         ("eta", {"esu": "multihead"}),
         ("sdim", {"average": "hit"}),
         ("sim_soft", {"gsu_shared": True}),
+        ("dare", {"attention_sink": True}),
+        ("twin", {"attention_sink": True, "search": "full"}),
     ],
 )
 def test_model_options_run(name, params, schema, batch, helpers):

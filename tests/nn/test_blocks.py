@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,6 +39,40 @@ def test_masked_softmax_ignores_padding(b, m, length, seed):
             ref = torch.softmax(scores[r][:, real], dim=-1)
             torch.testing.assert_close(weights[r][:, real], ref)
             torch.testing.assert_close(weights[r].sum(-1), torch.ones(m))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 10), st.floats(-3, 3), st.integers(0, 2**31 - 1))
+def test_masked_softmax_with_a_sink_equals_an_extra_slot(b, length, sink, seed):
+    g = _gen(seed)
+    scores = torch.randn(b, 2, length, generator=g) * 5
+    mask = torch.rand(b, length, generator=g) < 0.6
+    mask[0] = False  # an all-padding row
+    weights = masked_softmax(scores, mask, torch.tensor(sink))
+    assert (weights[0] == 0).all()
+    assert (weights[~mask.unsqueeze(1).expand_as(weights)] == 0).all()
+    for r in range(1, b):
+        real = mask[r]
+        extra = torch.cat((scores[r][:, real], torch.full((2, 1), sink)), dim=-1)
+        torch.testing.assert_close(weights[r][:, real], torch.softmax(extra, dim=-1)[:, :-1])
+
+
+def test_a_sink_keeps_the_count_of_matches_and_learns():
+    """n equal scores s: plain softmax gives each 1/n (sum 1 whatever n); with a sink the sum is
+    n e^s / (1 + n e^s), growing with n, and the sink logit gets a gradient."""
+    sink = torch.zeros((), requires_grad=True)
+    scores = torch.full((1, 1, 8), 2.0)
+    sums = []
+    for n in (1, 2, 4, 8):
+        mask = torch.arange(8).unsqueeze(0) < n
+        assert masked_softmax(scores, mask).sum().item() == pytest.approx(1.0)
+        w = masked_softmax(scores, mask, sink)
+        sums.append(w.sum())
+        expected = n * math.exp(2.0) / (1 + n * math.exp(2.0))
+        assert w.sum().item() == pytest.approx(expected, rel=1e-6)
+    assert sums == sorted(sums)
+    torch.stack(sums).sum().backward()
+    assert sink.grad is not None and sink.grad.item() < 0
 
 
 def test_masked_softmax_per_target_mask():

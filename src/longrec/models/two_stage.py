@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
@@ -43,6 +43,7 @@ class TwoStageParams:
     target_repr: bool = True  # TR: v_t ⊙ h into the MLP
     only_odot: bool = False  # the MLP sees v_t ⊙ h only
     aux_loss: bool = True  # full-sequence auxiliary head, on in all of DARE's scripts
+    attention_sink: bool = False  # a learned extra softmax slot, so the weights keep match counts
     aux_weight: float = 1.0
     hidden: tuple[int, ...] = (200, 80)
     type_dim: int = 8  # target-type embedding into the head(s) when the data has types; 0 = off
@@ -79,6 +80,8 @@ class TwoStageModel(SequenceModel):
         )
         d = self.towers.repr_dim()
         in_dim = d if p.only_odot else (3 * d if p.target_repr else 2 * d)
+        # [INFER] not in DARE/TWIN: see nn.attention.masked_softmax; one scalar logit, init 0
+        self.sink = nn.Parameter(torch.zeros(())) if p.attention_sink else None
         types = (schema.n_target_types, p.type_dim)
         self.head = MLPHead(in_dim, p.hidden, target_types=types[0], type_dim=types[1])
         self.aux_head = (
@@ -125,20 +128,20 @@ class TwoStageModel(SequenceModel):
         s = scores(state["keys"], self.towers.target("attn_tgt", batch, cache))  # [B, M, L]
         mask, values = state["mask"], state["values"]
         if p.search == "full":
-            pooled = values.pool_all(masked_softmax(s, mask))
+            pooled = values.pool_all(masked_softmax(s, mask, self.sink))
         else:
             if p.search == "soft":
                 idx, valid = topk_search(s, mask, p.top_k)
             else:
                 idx, valid = hard_search(state["category"], batch.target["category"], mask, p.top_k)
-            weights = masked_softmax(torch.gather(s, 2, idx), valid)  # [B, M, K]
+            weights = masked_softmax(torch.gather(s, 2, idx), valid, self.sink)  # [B, M, K]
             pooled = values.pool_at(idx, weights)
         target = self.towers.target("repr_tgt", batch, cache).joined()
         ttype = batch.target.get("target_type")
         logits = self.head(self._mlp_input(target, pooled), batch.target_mask, ttype)
         aux_logits = None
         if aux:
-            full = values.pool_all(masked_softmax(s, mask))
+            full = values.pool_all(masked_softmax(s, mask, self.sink))
             aux_logits = self.aux_head(self._mlp_input(target, full), batch.target_mask, ttype)
         return logits, aux_logits
 

@@ -19,11 +19,22 @@ def masked_fill_scores(scores: Tensor, mask: Tensor) -> Tensor:
     return scores.masked_fill(~mask, torch.finfo(scores.dtype).min / 2)
 
 
-def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
-    """Softmax over the last axis ignoring padding; an all-padding row gives all zeros."""
+def masked_softmax(scores: Tensor, mask: Tensor, sink: Tensor | None = None) -> Tensor:
+    """Softmax over the last axis ignoring padding; an all-padding row gives all zeros.
+
+    With a `sink` logit (a scalar tensor) the softmax also runs over one extra, always-present
+    slot that is then dropped: w_j = exp(s_j) / (exp(sink) + Σ_k exp(s_k)). The weights then
+    sum to less than one, and their sum grows with how many behaviours score high, so the
+    pooled vector keeps the *intensity* of a match (how many relevant behaviours) that a plain
+    softmax normalises away (DIN's argument for not normalising, kept bounded here)."""
     if mask.dim() == scores.dim() - 1:
         mask = mask.unsqueeze(-2)
-    weights = torch.softmax(masked_fill_scores(scores, mask), dim=-1)
+    filled = masked_fill_scores(scores, mask)
+    if sink is None:
+        weights = torch.softmax(filled, dim=-1)
+    else:
+        total = torch.logaddexp(torch.logsumexp(filled, dim=-1, keepdim=True), sink.to(filled))
+        weights = torch.exp(filled - total)
     return weights * mask.to(weights.dtype)
 
 
