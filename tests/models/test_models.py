@@ -245,6 +245,8 @@ def test_sdim_bucket_and_match_pooling_agree(schema, batch, average):
         ("sdim", {"average": "hit"}),
         ("sim_soft", {"gsu_shared": True}),
         ("dare", {"attention_sink": True}),
+        ("din", {"normalize": False}),
+        ("din", {"normalize": False, "top_k": 4}),
         ("twin", {"attention_sink": True, "search": "full"}),
     ],
 )
@@ -325,3 +327,16 @@ def test_bad_parameter_values_are_user_errors(name, params, message, schema):
     traceback."""
     with pytest.raises(UserError, match=f"model '{name}': .*{message}"):
         build_model(name, schema, params)
+
+
+def test_din_without_normalisation_keeps_the_count(schema, batch):
+    """normalize=False (the original DIN) weights each real behaviour by its raw score, so the
+    weights do not sum to one and padding gets none; the softmax version sums to one."""
+    raw = _model("din", schema, normalize=False)
+    soft = _model("din", schema)
+    scores = torch.randn(2, 3, 5)
+    mask = torch.tensor([[True, True, False, True, True], [False] * 5])
+    w = raw._weights(scores, mask)
+    torch.testing.assert_close(w[0][:, mask[0]], scores[0][:, mask[0]])
+    assert (w[0][:, ~mask[0]] == 0).all() and (w[1] == 0).all()
+    torch.testing.assert_close(soft._weights(scores, mask)[0].sum(-1), torch.ones(3))

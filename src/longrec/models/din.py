@@ -4,7 +4,10 @@ softmax-normalised (the original DIN does not normalise; DARE's re-implementatio
 the MLP sees [v_t, h, v_t ⊙ h] (TR, given to all baselines in DARE's Table 1).
 
 Options: the full history (default), only the most recent N behaviours (`recent`), or DARE's
-top-k variant (`top_k`). No position embedding by default, as in DARE's DIN.
+top-k variant (`top_k`). No position embedding by default, as in DARE's DIN. `normalize=False`
+is the original DIN: the pooled vector is the sum of the behaviours weighted by their raw
+scores, so it grows with the number of matching behaviours (the paper's argument: the
+intensity of an interest is information that a softmax discards).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class DinParams:
     recent: int | None = None  # attend to the most recent N behaviours only
     top_k: int | None = None  # keep the top k by MLP score before the softmax (DARE's variant)
     attn_hidden: int = 36
+    normalize: bool = True  # softmax the scores (DARE's DIN); False = the original raw sum
     target_repr: bool = True
     hidden: tuple[int, ...] = (200, 80)
     type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
@@ -61,6 +65,13 @@ class DinModel(SequenceModel):
         init_normal(self, p.init_std)
         zero_padding_rows(self)
 
+    def _weights(self, scores: Tensor, mask: Tensor) -> Tensor:
+        if self.params.normalize:
+            return masked_softmax(scores, mask)
+        if mask.dim() == scores.dim() - 1:
+            mask = mask.unsqueeze(-2)
+        return scores * mask.to(scores.dtype)  # padding contributes nothing
+
     def _mask(self, batch: Batch) -> Tensor:
         mask = batch.history_mask
         if self.params.recent is not None and self.params.recent < mask.shape[1]:
@@ -85,10 +96,10 @@ class DinModel(SequenceModel):
         scores = self.attention(target, keys)  # [B, M, L]
         if self.params.top_k is not None:
             idx, valid = topk_search(scores, mask, self.params.top_k)
-            weights = masked_softmax(torch.gather(scores, 2, idx), valid)
+            weights = self._weights(torch.gather(scores, 2, idx), valid)
             pooled = (weights.unsqueeze(-1) * gather_behaviours(keys, idx)).sum(2)
         else:
-            pooled = torch.matmul(masked_softmax(scores, mask), keys)
+            pooled = torch.matmul(self._weights(scores, mask), keys)
         parts = [target, pooled, target * pooled] if self.params.target_repr else [target, pooled]
         return self.head(
             torch.cat(parts, dim=-1), batch.target_mask, batch.target.get("target_type")
