@@ -28,4 +28,8 @@ for len in 100 1000 10000; do
   run "dare-sink-L$len" dare "$len" --set model.attention_sink=true
   run "stca-L$len" stca "$len"
 done
+for len in 100 1000; do  # DIN at 10K: ~30 min per run here
+  run "din-L$len" din "$len"
+  run "din-raw-L$len" din "$len" --set model.normalize=false
+done
 "${PYTHON:-.venv/bin/python}" benchmarks/synth_count_probe.py "$W/raw" 100 1000 10000 | tee "$R/count_probe.txt"
