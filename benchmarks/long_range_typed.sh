@@ -2,7 +2,7 @@
 # The long-range synthetic study with the target type in the heads (BENCHMARKS.md, "Scaling
 # with history length on synthetic long-range data"): DARE (with and without the type, with
 # an attention sink) and STCA trained at history cuts 100, 1K and 10K on the 1,500-user set,
-# plus the count probe. One seed; each run writes W/runs/NAME/metrics.json.
+# DIN (softmax and raw-sum pooling) at 100 and 1K, plus the count probe. One seed; each run writes W/runs/NAME/metrics.json.
 # Usage: benchmarks/long_range_typed.sh WORKDIR
 set -euo pipefail
 W=${1:-/tmp/longrec-long-range}
