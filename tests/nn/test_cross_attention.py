@@ -210,3 +210,39 @@ def test_swiglu_stack():
     torch.testing.assert_close(residual(x), residual.norms[0](x + residual.ffns[0](x)))
     with pytest.raises(ValueError, match="depth"):
         SwiGLUStack(8, depth=0)
+
+
+def test_training_pool_matches_sdpa_and_passes_gradcheck():
+    """CPU training pools with `_SoftmaxPool` (hand-written backward), inference with SDPA: the
+    two agree, empty histories give zero in both, and the backward passes gradcheck."""
+    from longrec.nn.cross_attention import _pool_fused, _SoftmaxPool
+
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 9, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 9, generator=g) < 0.6
+    mask[0] = False  # an empty history
+    mask[1] = True
+    with torch.no_grad():
+        inference = _pool_fused(u, x, mask)  # SDPA
+    trained = _pool_fused(u.clone().requires_grad_(), x.clone().requires_grad_(), mask)
+    assert "_SoftmaxPoolBackward" in _graph_names(trained.grad_fn)
+    torch.testing.assert_close(trained.detach(), inference, atol=1e-10, rtol=1e-10)
+    assert (trained[0] == 0).all()
+    real = mask.clone()
+    real[0] = True  # `_pool_fused` lets an empty row attend to its padding, then zeroes it
+    ui, xi = u.clone().requires_grad_(), x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _SoftmaxPool.apply(a, b, real), (ui, xi))
+    assert torch.autograd.gradcheck(lambda a, b: _SoftmaxPool.apply(a, b, None), (ui, xi))
+
+
+def _graph_names(fn, seen=None) -> set[str]:
+    """Class names of every node of an autograd graph."""
+    seen = set() if seen is None else seen
+    if fn is None or fn in seen:
+        return set()
+    seen.add(fn)
+    names = {type(fn).__name__}
+    for nxt, _ in fn.next_functions:
+        names |= _graph_names(nxt, seen)
+    return names

@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from longrec.nn.attention import masked_fill_scores, masked_softmax
 
@@ -93,11 +94,11 @@ def cross_attention_reassociated(
 
     All targets and heads form one set of M·h queries u of width d against the history itself
     (K = V = X). Without `return_scores` the two GEMMs and the softmax run fused in
-    `F.scaled_dot_product_attention` (one head of width d, scale 1): its CPU flash kernel streams
-    X block by block (online softmax) and never stores the [B, M·h, L] scores or weights, in the
-    forward or the backward pass (measured 1.5-2x faster than two batched GEMMs + softmax at
-    B = 32, M·h = 32, L = 10K). With `return_scores` (search scores, tests) the GEMMs run
-    explicitly: `_pool_explicit`."""
+    `F.scaled_dot_product_attention` (one head of width d, scale 1) at inference: its CPU flash
+    kernel streams X block by block and never stores the [B, M·h, L] scores. In CPU training
+    `_SoftmaxPool` runs the two GEMMs with a hand-written backward (see `_pool_fused`; autograd's
+    generic backward of the same GEMMs was measured 1.5-2x slower than SDPA). With
+    `return_scores` (search scores, tests) the GEMMs run explicitly: `_pool_explicit`."""
     b, m, d = query.shape
     dh = d // heads
     q = (query @ w_q.T).view(b, m, heads, dh)
@@ -147,13 +148,54 @@ def _zero_empty(pooled: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def _pool_fused(u: Tensor, x: Tensor, mask: Tensor) -> Tensor:
-    """softmax(u Xᵀ) X [B, R, d] in one fused attention call (no [B, R, L] tensor)."""
+    """softmax(u Xᵀ) X [B, R, d] without returning scores.
+
+    Inference runs one fused attention call (no [B, R, L] tensor). CPU training runs
+    `_SoftmaxPool` instead: SDPA's backward treats K and V as two inputs, so it zero-fills two
+    [B, L, 1, d] gradient buffers per layer and autograd then adds them; measured in a full
+    STCA training step at L = 10K (16 requests of 8 targets), 327-336 ms against 397-405 with
+    SDPA (`benchmarks/stca_attention_ab.py` times the two in isolation)."""
     attn_mask, keep = _fused_mask(mask)
+    needs_grad = torch.is_grad_enabled() and (u.requires_grad or x.requires_grad)
+    if needs_grad and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        pooled = _SoftmaxPool.apply(u, x, None if attn_mask is None else attn_mask[:, 0, 0, :])
+        return _zero_empty(pooled, keep)
     xs = x.unsqueeze(1)
     pooled = F.scaled_dot_product_attention(
         u.unsqueeze(1), xs, xs, attn_mask=attn_mask, scale=1.0
     ).squeeze(1)
     return _zero_empty(pooled, keep)
+
+
+class _SoftmaxPool(torch.autograd.Function):
+    """O = softmax(U Xᵀ) X with K = V = X, as two batched GEMMs that keep the weights P [B, R, L]
+    for the backward (R = targets x heads is small, so P is too: 20 MB at B = 16, R = 32,
+    L = 10K). Backward, with δ = rowsum(dO ⊙ O):
+
+        dS = P ⊙ (dO Xᵀ − δ),   dU = dS X,   dX = Pᵀ dO + dSᵀ U   (one bmm + one baddbmm)
+
+    so the history gradient is written once, with no per-role buffers to zero and add."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+        scores = torch.bmm(u, x.transpose(1, 2))
+        if mask is not None:
+            scores.masked_fill_(~mask.unsqueeze(1), torch.finfo(scores.dtype).min / 2)
+        weights = torch.softmax(scores, dim=-1)
+        out = torch.bmm(weights, x)
+        ctx.save_for_backward(u, x, weights, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        u, x, weights, out = ctx.saved_tensors
+        grad = grad.contiguous()
+        ds = torch.bmm(grad, x.transpose(1, 2))
+        ds.sub_((grad * out).sum(-1, keepdim=True)).mul_(weights)
+        du = torch.bmm(ds, x)
+        dx = torch.bmm(weights.transpose(1, 2), grad).baddbmm_(ds.transpose(1, 2), u)
+        return du, dx, None
 
 
 class MultiHeadCrossAttention(nn.Module):
