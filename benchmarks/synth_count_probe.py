@@ -43,10 +43,10 @@ def counts(b: pl.DataFrame, imp: pl.DataFrame, lengths) -> np.ndarray:
     key = np.sort(((user * n_leaf + leaf) << shift) | pos)
     iu, it = imp["user"].to_numpy().astype(np.int64), imp["ts"].to_numpy()
     il = imp["category"].to_numpy().astype(np.int64)
-    ends = np.empty(iu.size, np.int64)  # behaviours strictly before the request
-    for u in np.unique(iu):  # one vectorised search per user, not per impression
-        rows = np.flatnonzero(iu == u)
-        ends[rows] = np.searchsorted(ts[start[u] : start[u + 1]], it[rows], side="left")
+    # behaviours strictly before the request: one search over (user, time) keys
+    t0 = min(int(ts.min()), int(it.min()))
+    when = (user << 34) | (ts - t0)  # rows are sorted by user, then time
+    ends = np.searchsorted(when, (iu << 34) | (it - t0), side="left") - start[iu]
     group = (iu * n_leaf + il) << shift
     hi = np.searchsorted(key, group | ends, side="left")
     out = np.empty((iu.size, len(lengths)))

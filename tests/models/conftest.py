@@ -13,6 +13,8 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 from longrec.data.batch import Batch
 from longrec.data.schema import FieldSpec
@@ -241,9 +243,36 @@ def batch(schema: DataSchema) -> Batch:
     return tiny_batch(schema)
 
 
+def training_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, BCE on the real targets plus the model's weighted auxiliary losses)."""
+    logits, aux = model.forward_train(batch)
+    m = batch.target_mask
+    loss = F.binary_cross_entropy_with_logits(logits[m], batch.label[m])
+    for extra, weight in aux:
+        loss = loss + weight * F.binary_cross_entropy_with_logits(extra[m], batch.label[m])
+    return logits, loss
+
+
+def train_and_auc(model, train: list[Batch], held: Batch, lr: float = 0.01) -> float:
+    """Adam over `train` once, then the held-out AUC of the first target of each row."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for batch in train:
+        _, loss = training_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        scores = model(held)[:, 0]
+    return roc_auc_score(held.label[:, 0].numpy(), scores.numpy())
+
+
 @pytest.fixture(scope="session")
 def helpers() -> dict[str, Callable]:
     return {
+        "training_loss": training_loss,
+        "train_and_auc": train_and_auc,
         "make_schema": make_schema,
         "tiny_batch": tiny_batch,
         "left_pad": left_pad,

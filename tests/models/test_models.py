@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import roc_auc_score
 
 from longrec.errors import UserError
 from longrec.models import build_model, describe_models
@@ -34,13 +33,11 @@ def _model(name, schema, **params):
     return build_model(name, schema, params or None)
 
 
-def _loss(model, batch):
-    logits, aux = model.forward_train(batch)
-    m = batch.target_mask
-    loss = F.binary_cross_entropy_with_logits(logits[m], batch.label[m])
-    for extra, weight in aux:
-        loss = loss + weight * F.binary_cross_entropy_with_logits(extra[m], batch.label[m])
-    return logits, loss
+@pytest.fixture(autouse=True)
+def _kit(helpers):
+    """conftest's training helpers as module globals (tests/ is not a package)."""
+    global _loss, _train_and_auc
+    _loss, _train_and_auc = helpers["training_loss"], helpers["train_and_auc"]
 
 
 def test_registry_descriptions():
@@ -201,18 +198,7 @@ LEARN_BAR_EXCEPTIONS = {"twin_no_tr": 0.7, "longer": 0.7}
 @pytest.mark.parametrize("name", NAMES)
 def test_model_learns(name, task_data):
     schema, train, held = task_data
-    model = _model(name, schema)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for batch in train:
-        _, loss = _loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        scores = model(held)[:, 0]
-    auc = roc_auc_score(held.label[:, 0].numpy(), scores.numpy())
+    auc = _train_and_auc(_model(name, schema), train, held)
     bar = LEARN_BAR_EXCEPTIONS.get(name, LEARN_BAR)
     assert auc > bar, f"{name}: AUC {auc:.3f} <= {bar}"
 

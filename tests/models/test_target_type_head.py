@@ -15,8 +15,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from longrec.models import MODELS, build_model, describe_models
 
@@ -98,21 +96,8 @@ def test_a_type_only_label_is_learnt_with_the_embedding_only(name, typed, helper
     rng = np.random.default_rng(0)
     train = [_type_task(helpers, schema, rng, 64) for _ in range(40)]
     held = _type_task(helpers, schema, np.random.default_rng(1), 512)
-    aucs = {}
-    for type_dim in (8, 0):
-        model = _model(name, schema, type_dim=type_dim).train()
-        opt = torch.optim.Adam(model.parameters(), lr=0.01)
-        for batch in train:
-            logits, aux = model.forward_train(batch)
-            m = batch.target_mask
-            loss = F.binary_cross_entropy_with_logits(logits[m], batch.label[m])
-            for extra, weight in aux:
-                loss = loss + weight * F.binary_cross_entropy_with_logits(extra[m], batch.label[m])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            scores = model(held)[:, 0]
-        aucs[type_dim] = roc_auc_score(held.label[:, 0].numpy(), scores.numpy())
+    aucs = {
+        type_dim: helpers["train_and_auc"](_model(name, schema, type_dim=type_dim), train, held)
+        for type_dim in (8, 0)
+    }
     assert aucs[8] > 0.95 and aucs[0] < 0.65, aucs

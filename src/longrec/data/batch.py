@@ -38,6 +38,11 @@ class Batch:
     def num_targets(self) -> int:
         return int(self.target_mask.shape[1])
 
+    @property
+    def target_type(self) -> Tensor | None:
+        """[B, M] advertising target type ids, or None when the data has no types."""
+        return self.target.get("target_type")
+
     def to(self, device: torch.device | str) -> Batch:
         def move(x):
             if x is None:

@@ -57,6 +57,10 @@ class DataSchema:
         names = [n for n, f in self.fields.items() if f.side == "item" and n in self.target_fields]
         return sorted(names, key=lambda n: (n != "item", n != "category", n))
 
+    def head_types(self, type_dim: int) -> dict[str, int]:
+        """MLPHead's target-type arguments for a model's `type_dim` (no table without types)."""
+        return {"target_types": self.n_target_types, "type_dim": type_dim}
+
     def vocab(self, name: str) -> int:
         return self.fields[name].vocab_size
 

@@ -21,7 +21,7 @@ from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register
 from longrec.models.towers import EmbeddingSet, dedup
-from longrec.nn.attention import DinScore, masked_softmax
+from longrec.nn.attention import DinScore, masked_softmax, masked_weights
 from longrec.nn.embedding import init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
 from longrec.nn.search import gather_behaviours, topk_search
@@ -57,10 +57,7 @@ class DinModel(SequenceModel):
         d = self.tables.sem_dim + self.tables.pos_dim
         self.attention = DinScore(d, p.attn_hidden)
         self.head = MLPHead(
-            3 * d if p.target_repr else 2 * d,
-            p.hidden,
-            target_types=schema.n_target_types,
-            type_dim=p.type_dim,
+            3 * d if p.target_repr else 2 * d, p.hidden, **schema.head_types(p.type_dim)
         )
         init_normal(self, p.init_std)
         zero_padding_rows(self)
@@ -68,9 +65,7 @@ class DinModel(SequenceModel):
     def _weights(self, scores: Tensor, mask: Tensor) -> Tensor:
         if self.params.normalize:
             return masked_softmax(scores, mask)
-        if mask.dim() == scores.dim() - 1:
-            mask = mask.unsqueeze(-2)
-        return scores * mask.to(scores.dtype)  # padding contributes nothing
+        return masked_weights(scores, mask)  # raw scores; padding contributes nothing
 
     def _mask(self, batch: Batch) -> Tensor:
         mask = batch.history_mask
@@ -101,6 +96,4 @@ class DinModel(SequenceModel):
         else:
             pooled = torch.matmul(self._weights(scores, mask), keys)
         parts = [target, pooled, target * pooled] if self.params.target_repr else [target, pooled]
-        return self.head(
-            torch.cat(parts, dim=-1), batch.target_mask, batch.target.get("target_type")
-        )
+        return self.head(torch.cat(parts, dim=-1), batch.target_mask, batch.target_type)

@@ -98,10 +98,7 @@ class EtaModel(SequenceModel):
             MultiHeadTargetAttention(d, d, d, p.heads) if p.esu == "multihead" else None
         )
         self.head = MLPHead(
-            3 * d if p.target_repr else 2 * d,
-            p.hidden,
-            target_types=schema.n_target_types,
-            type_dim=p.type_dim,
+            3 * d if p.target_repr else 2 * d, p.hidden, **schema.head_types(p.type_dim)
         )
         self.register_buffer("planes", random_planes(self.tables.sem_dim, p.bits, p.hash_seed))
         init_weights(self, p.init_std)
@@ -138,7 +135,7 @@ class EtaModel(SequenceModel):
         return self.head(
             tr_input(target, pooled, p.target_repr),
             batch.target_mask,
-            batch.target.get("target_type"),
+            batch.target_type,
         )
 
     def search_scores(self, batch: Batch) -> Tensor:

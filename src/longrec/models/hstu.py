@@ -289,7 +289,7 @@ class HstuModel(SequenceModel):
         if p.rab != "none":
             self.rab = RelativeBias(p.rab, p.n_layers, p.n_heads, p, sparse_embeddings)
         self.final_ln = nn.LayerNorm(d)
-        self.head = MLPHead(d, p.hidden, target_types=schema.n_target_types, type_dim=p.type_dim)
+        self.head = MLPHead(d, p.hidden, **schema.head_types(p.type_dim))
         for part in (self.embed, self.rab, self.head):
             if part is not None:
                 init_normal(part, p.init_std)
@@ -374,7 +374,7 @@ class HstuModel(SequenceModel):
             if bias_own is not None:
                 own = own + bias_own
             x = layer.output(x, u, av + F.silu(own) / norm * v)
-        return self.head(self.final_ln(x), batch.target_mask, batch.target.get("target_type"))
+        return self.head(self.final_ln(x), batch.target_mask, batch.target_type)
 
 
 def _targets(batch: Batch, start: int, stop: int) -> Batch:

@@ -342,10 +342,7 @@ class IatModel(SequenceModel):
         )
         self.cross = MultiHeadTargetAttention(p.dim, p.dim, p.dim, p.heads)
         self.head = MLPHead(
-            self.features.out_dim + p.dim,
-            p.hidden,
-            target_types=schema.n_target_types,
-            type_dim=p.type_dim,
+            self.features.out_dim + p.dim, p.hidden, **schema.head_types(p.type_dim)
         )
         init_normal(self.features, p.init_std)
         for table in (self.label, self.gap):
@@ -412,6 +409,4 @@ class IatModel(SequenceModel):
     def score(self, state: UserState, batch: Batch) -> Tensor:
         x = self.features(state, batch)  # [B, M, F]
         iat_token = self.cross(self.query(x), state["tokens"], state["token_valid"])
-        return self.head(
-            torch.cat((x, iat_token), dim=-1), batch.target_mask, batch.target.get("target_type")
-        )
+        return self.head(torch.cat((x, iat_token), dim=-1), batch.target_mask, batch.target_type)

@@ -211,9 +211,7 @@ class LongerModel(SequenceModel):
             PreLNBlock(dm, p.heads, ffn, p.dropout, p.null_key) for _ in range(1 + p.n_layers)
         )
         self.final_ln = nn.LayerNorm(dm)
-        self.head = MLPHead(
-            self.n_global * dm, p.hidden, target_types=schema.n_target_types, type_dim=p.type_dim
-        )
+        self.head = MLPHead(self.n_global * dm, p.hidden, **schema.head_types(p.type_dim))
         for part in (self.items, self.side, self.time, self.pos, self.user, self.head):
             if part is not None:
                 init_normal(part, p.init_std)
@@ -487,6 +485,4 @@ class LongerModel(SequenceModel):
 
     def _head(self, final: Tensor, batch: Batch) -> Tensor:
         """Global tokens [B, M, g, d'] (order candidate, CLS, user) -> logits [B, M]."""
-        return self.head(
-            self.final_ln(final).flatten(-2), batch.target_mask, batch.target.get("target_type")
-        )
+        return self.head(self.final_ln(final).flatten(-2), batch.target_mask, batch.target_type)

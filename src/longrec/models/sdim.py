@@ -80,10 +80,7 @@ class SdimModel(SequenceModel):
         )
         d = self.tables.sem_dim + self.tables.pos_dim
         self.head = MLPHead(
-            3 * d if p.target_repr else 2 * d,
-            p.hidden,
-            target_types=schema.n_target_types,
-            type_dim=p.type_dim,
+            3 * d if p.target_repr else 2 * d, p.hidden, **schema.head_types(p.type_dim)
         )
         planes = random_planes(self.tables.sem_dim, p.hashes * p.bits_per_hash, p.hash_seed)
         self.register_buffer("planes", planes)
@@ -133,7 +130,7 @@ class SdimModel(SequenceModel):
         return self.head(
             tr_input(target, pooled, self.params.target_repr),
             batch.target_mask,
-            batch.target.get("target_type"),
+            batch.target_type,
         )
 
     def search_scores(self, batch: Batch) -> Tensor:

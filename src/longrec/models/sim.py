@@ -168,10 +168,7 @@ class SimModel(SequenceModel):
         d = self.embed.out_dim + max(p.time_dim, 0)
         self.esu = MultiHeadTargetAttention(d, d, d, p.heads)
         self.head = MLPHead(
-            3 * d if p.target_repr else 2 * d,
-            p.hidden,
-            target_types=schema.n_target_types,
-            type_dim=p.type_dim,
+            3 * d if p.target_repr else 2 * d, p.hidden, **schema.head_types(p.type_dim)
         )
         self.gsu = self.w_a = self.w_b = self.aux_head = None
         if p.search == "soft":
@@ -189,9 +186,7 @@ class SimModel(SequenceModel):
             self.w_a = nn.Linear(gsu_width, proj, bias=False)
             self.w_b = nn.Linear(gsu_width, proj, bias=False)
             in_aux = 3 * gsu_width if p.target_repr else 2 * gsu_width
-            self.aux_head = MLPHead(
-                in_aux, p.hidden[:1], target_types=schema.n_target_types, type_dim=p.type_dim
-            )
+            self.aux_head = MLPHead(in_aux, p.hidden[:1], **schema.head_types(p.type_dim))
         init_weights(self, p.init_std)
 
     # -- contract -------------------------------------------------------------------------
@@ -264,7 +259,7 @@ class SimModel(SequenceModel):
         logits = self.head(
             tr_input(target, pooled, p.target_repr),
             batch.target_mask,
-            batch.target.get("target_type"),
+            batch.target_type,
         )
         gsu_logits = None
         if aux and r is not None:
@@ -274,7 +269,7 @@ class SimModel(SequenceModel):
             gsu_logits = self.aux_head(
                 tr_input(gsu_target, user, p.target_repr),
                 batch.target_mask,
-                batch.target.get("target_type"),
+                batch.target_type,
             )
         return logits, gsu_logits
 

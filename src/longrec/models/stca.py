@@ -155,10 +155,7 @@ class StcaModel(SequenceModel):
         self.readout_in = nn.Linear((p.layers + 1) * d, d, bias=False)  # W_Z
         self.readout = SwiGLU(d, p.ratio)
         self.head = MLPHead(
-            2 * d if p.head_target else d,
-            p.hidden,
-            target_types=schema.n_target_types,
-            type_dim=p.type_dim,
+            2 * d if p.head_target else d, p.hidden, **schema.head_types(p.type_dim)
         )
         with torch.no_grad():
             for name, module in self.named_modules():
@@ -322,4 +319,4 @@ class StcaModel(SequenceModel):
                 q = self.query_norm[i + 1](self.query_ffn[i + 1](fused))
         z = self.readout(self.readout_in(torch.cat([*outs, x_t], dim=-1)))
         head_in = torch.cat((z, x_t), dim=-1) if p.head_target else z
-        return self.head(head_in, batch.target_mask, batch.target.get("target_type")), first_scores
+        return self.head(head_in, batch.target_mask, batch.target_type), first_scores

@@ -133,7 +133,7 @@ class TinModel(SequenceModel):
         n_branches = len(self.levels) if p.search == "hier" and p.hier_reading == "per_level" else 1
         in_dim = pooled * n_branches + 2 * d
         n_heads = self.n_types if p.type_heads else 1
-        types = {"target_types": schema.n_target_types, "type_dim": p.type_dim}
+        types = schema.head_types(p.type_dim)
         self.heads = nn.ModuleList(MLPHead(in_dim, p.hidden, **types) for _ in range(n_heads))
         self.aux_head = (
             MLPHead(3 * d, p.hidden[:1], **types)
@@ -248,7 +248,7 @@ class TinModel(SequenceModel):
     # -- scoring --------------------------------------------------------------------------
     def _run(self, state: UserState, batch: Batch, aux: bool):
         p = self.params
-        ttype = batch.target.get("target_type")
+        ttype = batch.target_type
         target = self.values.target(batch).joined()  # [B, M, d]
         soft_scores = (
             scores(state["keys"], self.attn.target(batch)) if hasattr(self, "attn") else None

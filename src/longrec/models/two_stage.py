@@ -82,13 +82,9 @@ class TwoStageModel(SequenceModel):
         in_dim = d if p.only_odot else (3 * d if p.target_repr else 2 * d)
         # [INFER] not in DARE/TWIN: see nn.attention.masked_softmax; one scalar logit, init 0
         self.sink = nn.Parameter(torch.zeros(())) if p.attention_sink else None
-        types = (schema.n_target_types, p.type_dim)
-        self.head = MLPHead(in_dim, p.hidden, target_types=types[0], type_dim=types[1])
-        self.aux_head = (
-            MLPHead(in_dim, p.hidden[:1], target_types=types[0], type_dim=types[1])
-            if p.aux_loss
-            else None
-        )
+        types = schema.head_types(p.type_dim)
+        self.head = MLPHead(in_dim, p.hidden, **types)
+        self.aux_head = MLPHead(in_dim, p.hidden[:1], **types) if p.aux_loss else None
         init_normal(self, p.init_std)
         zero_padding_rows(self)
 
@@ -137,7 +133,7 @@ class TwoStageModel(SequenceModel):
             weights = masked_softmax(torch.gather(s, 2, idx), valid, self.sink)  # [B, M, K]
             pooled = values.pool_at(idx, weights)
         target = self.towers.target("repr_tgt", batch, cache).joined()
-        ttype = batch.target.get("target_type")
+        ttype = batch.target_type
         logits = self.head(self._mlp_input(target, pooled), batch.target_mask, ttype)
         aux_logits = None
         if aux:

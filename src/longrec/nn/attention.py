@@ -12,11 +12,19 @@ import torch
 from torch import Tensor, nn
 
 
+def _broadcast(mask: Tensor, scores: Tensor) -> Tensor:
+    """A history mask [B, L] as [B, 1, L] against scores [B, M, L]; a [B, M, L] one as is."""
+    return mask.unsqueeze(-2) if mask.dim() == scores.dim() - 1 else mask
+
+
 def masked_fill_scores(scores: Tensor, mask: Tensor) -> Tensor:
     """Padding (mask False, [B, L] or [B, M, L]) gets a very negative score, dtype-safe."""
-    if mask.dim() == scores.dim() - 1:
-        mask = mask.unsqueeze(-2)
-    return scores.masked_fill(~mask, torch.finfo(scores.dtype).min / 2)
+    return scores.masked_fill(~_broadcast(mask, scores), torch.finfo(scores.dtype).min / 2)
+
+
+def masked_weights(scores: Tensor, mask: Tensor) -> Tensor:
+    """The raw scores as weights, zero on padding (the original DIN: no normalisation)."""
+    return scores * _broadcast(mask, scores).to(scores.dtype)
 
 
 def masked_softmax(scores: Tensor, mask: Tensor, sink: Tensor | None = None) -> Tensor:
@@ -27,8 +35,7 @@ def masked_softmax(scores: Tensor, mask: Tensor, sink: Tensor | None = None) -> 
     sum to less than one, and their sum grows with how many behaviours score high, so the
     pooled vector keeps the *intensity* of a match (how many relevant behaviours) that a plain
     softmax normalises away (DIN's argument for not normalising, kept bounded here)."""
-    if mask.dim() == scores.dim() - 1:
-        mask = mask.unsqueeze(-2)
+    mask = _broadcast(mask, scores)
     filled = masked_fill_scores(scores, mask)
     if sink is None:
         weights = torch.softmax(filled, dim=-1)

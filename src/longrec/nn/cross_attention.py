@@ -120,14 +120,20 @@ def _pool_explicit(u: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     In place where autograd allows: padding is masked in the first GEMM's own output (its
     backward does not need it), and a history without real behaviours has its pooled rows
     zeroed rather than its weights (`masked_softmax`'s last pass over [B, R, L])."""
-    scores = torch.matmul(u, x.transpose(1, 2))  # [B, R, L]: GEMM 1
     full = bool(mask.all())
-    if not full:
-        scores.masked_fill_(~mask.unsqueeze(1), torch.finfo(scores.dtype).min / 2)
+    scores = _masked_scores(u, x, None if full else mask)  # [B, R, L]: GEMM 1
     pooled = torch.matmul(torch.softmax(scores, dim=-1), x)  # [B, R, d]: GEMM 2
     if not full:
         pooled = pooled * mask.any(dim=1).view(-1, 1, 1).to(pooled.dtype)
     return pooled, scores
+
+
+def _masked_scores(u: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+    """u Xᵀ [B, R, L] with padding (mask [B, L] False) set to finfo.min / 2, in place."""
+    scores = torch.matmul(u, x.transpose(1, 2))
+    if mask is not None:
+        scores.masked_fill_(~mask.unsqueeze(1), torch.finfo(scores.dtype).min / 2)
+    return scores
 
 
 def _fused_mask(mask: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -159,11 +165,11 @@ def _pool_fused(u: Tensor, x: Tensor, mask: Tensor) -> Tensor:
     needs_grad = torch.is_grad_enabled() and (u.requires_grad or x.requires_grad)
     if needs_grad and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
         pooled = _SoftmaxPool.apply(u, x, None if attn_mask is None else attn_mask[:, 0, 0, :])
-        return _zero_empty(pooled, keep)
-    xs = x.unsqueeze(1)
-    pooled = F.scaled_dot_product_attention(
-        u.unsqueeze(1), xs, xs, attn_mask=attn_mask, scale=1.0
-    ).squeeze(1)
+    else:
+        xs = x.unsqueeze(1)
+        pooled = F.scaled_dot_product_attention(
+            u.unsqueeze(1), xs, xs, attn_mask=attn_mask, scale=1.0
+        ).squeeze(1)
     return _zero_empty(pooled, keep)
 
 
@@ -178,10 +184,7 @@ class _SoftmaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
-        scores = torch.bmm(u, x.transpose(1, 2))
-        if mask is not None:
-            scores.masked_fill_(~mask.unsqueeze(1), torch.finfo(scores.dtype).min / 2)
-        weights = torch.softmax(scores, dim=-1)
+        weights = torch.softmax(_masked_scores(u, x, mask), dim=-1)
         out = torch.bmm(weights, x)
         ctx.save_for_backward(u, x, weights, out)
         return out
