@@ -71,8 +71,11 @@ class Trainer:
         self.main = self.rank == 0
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // self.world_size))
         # multi-threaded scatter/index_add accumulate in a varying order: without this, two
-        # seeded runs (or a resumed and an uninterrupted one) drift apart; it costs ~nothing here
+        # seeded runs (or a resumed and an uninterrupted one) drift apart. Its side effect of
+        # NaN-filling every torch.empty (a debugging aid for reads of uninitialised memory) is
+        # turned off: it was a tenth of a DARE training step (BENCHMARKS.md).
         torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.manual_seed(tc.seed)
         self.dataset = PreparedDataset(cfg.data.path)
         self.schema = DataSchema.from_dataset(self.dataset, cfg.data.max_len)
