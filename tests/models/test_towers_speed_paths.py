@@ -1,5 +1,5 @@
 """The two-stage towers' speed paths change nothing but speed: the C++ row kernels
-(`fused_kernels`) and the single table lookup for history and targets in training give the
+(`fused_kernels`), the fused soft search (`fused_search`) and the single table lookup for history and targets in training give the
 logits and parameter gradients of the plain PyTorch path."""
 
 from __future__ import annotations
@@ -31,10 +31,17 @@ def _assert_same(a: dict, b: dict):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_fused_kernels_equal_plain_pytorch(name, schema, batch):
+@pytest.mark.parametrize(
+    "fast,slow",
+    [
+        ({"fused_kernels": True}, {"fused_kernels": False}),  # everything against plain
+        ({"fused_search": True}, {"fused_search": False}),  # the fused search alone
+    ],
+)
+def test_fused_kernels_equal_plain_pytorch(name, fast, slow, schema, batch):
     torch.manual_seed(0)
-    fused = build_model(name, schema, {"fused_kernels": True})
-    plain = build_model(name, schema, {"fused_kernels": False})
+    fused = build_model(name, schema, fast)
+    plain = build_model(name, schema, slow)
     plain.load_state_dict(fused.state_dict())
     out_f, out_p = fused.forward_train(batch), plain.forward_train(batch)
     torch.testing.assert_close(out_f[0], out_p[0], rtol=1e-5, atol=1e-6)

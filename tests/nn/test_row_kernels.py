@@ -115,3 +115,11 @@ def test_dedup_ids_inverts_and_keeps_first_appearance_order():
     assert torch.equal(uniq[inverse], ids)
     with pytest.raises(RuntimeError, match="outside"):
         row_kernels.dedup_ids(torch.tensor([10]), vocab=10)
+
+
+def test_scatter_distinct_rows_equals_index_add():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randperm(5000, generator=g)[:1234]
+    grad = torch.randn(1234, 16, generator=g)
+    want = torch.zeros(5000, 16).index_add_(0, ids, grad)
+    assert torch.equal(row_kernels.scatter_distinct_rows(ids, grad, 5000), want)

@@ -205,7 +205,7 @@ class EmbeddingSet(nn.Module):
         for f in self.fields:
             uniq, inverse, *target_inverse = distinct[f]
             vmask = (batch.history[f] != 0) if f in self.multi else None
-            rows = self.tables[f](uniq)
+            rows = self.tables[f](uniq, distinct=True)
             target_inverse = target_inverse[0] if target_inverse else None
             fields.append(
                 HistoryField(rows, inverse, vmask, fused=self.fused, target_inverse=target_inverse)

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register, register_variant
-from longrec.models.towers import Towers, scores
+from longrec.models.towers import HistoryEmbedding, TargetEmbedding, Towers, scores
+from longrec.nn import search_attention
 from longrec.nn.attention import masked_softmax
 from longrec.nn.embedding import init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
@@ -48,9 +49,11 @@ class TwoStageParams:
     hidden: tuple[int, ...] = (200, 80)
     type_dim: int = 8  # target-type embedding into the head(s) when the data has types; 0 = off
     init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
-    # Speed only: scores and full-sequence pooling read the distinct rows with the C++ kernels
-    # of nn.row_kernels instead of gathering [B, L, d] (same results to float rounding).
+    # Speed only (same results to float rounding): scores and poolings read the distinct rows
+    # with the C++ kernels of nn.row_kernels instead of gathering [B, L, d]; the soft search
+    # with both its poolings runs as one C++ pass per user (nn.search_attention).
     fused_kernels: bool = True
+    fused_search: bool = True  # with fused_kernels: the soft search by nn.search_attention
 
 
 @register("dare", "DARE: decoupled attention/representation tables, soft top-k search (ICLR'25)")
@@ -121,8 +124,15 @@ class TwoStageModel(SequenceModel):
     ) -> tuple[Tensor, Tensor | None]:
         """`cache`: the table lookups of `_encode`, which the targets reuse in training."""
         p = self.params
-        s = scores(state["keys"], self.towers.target("attn_tgt", batch, cache))  # [B, M, L]
+        query = self.towers.target("attn_tgt", batch, cache)
         mask, values = state["mask"], state["values"]
+        fused = None
+        if p.search == "soft" and p.fused_kernels and p.fused_search and self.sink is None:
+            fused = fused_soft_search(state["keys"], values, query, mask, p.top_k, aux)
+        if fused is not None:
+            pooled, full = fused
+            return self._heads(batch, cache, pooled, full)
+        s = scores(state["keys"], query)  # [B, M, L]
         if p.search == "full":
             pooled = values.pool_all(masked_softmax(s, mask, self.sink))
         else:
@@ -132,12 +142,18 @@ class TwoStageModel(SequenceModel):
                 idx, valid = hard_search(state["category"], batch.target["category"], mask, p.top_k)
             weights = masked_softmax(torch.gather(s, 2, idx), valid, self.sink)  # [B, M, K]
             pooled = values.pool_at(idx, weights)
+        full = values.pool_all(masked_softmax(s, mask, self.sink)) if aux else None
+        return self._heads(batch, cache, pooled, full)
+
+    def _heads(
+        self, batch: Batch, cache: dict | None, pooled: Tensor, full: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The main head on the top-K pooling and the auxiliary one on the full-history one."""
         target = self.towers.target("repr_tgt", batch, cache).joined()
         ttype = batch.target_type
         logits = self.head(self._mlp_input(target, pooled), batch.target_mask, ttype)
         aux_logits = None
-        if aux:
-            full = values.pool_all(masked_softmax(s, mask, self.sink))
+        if full is not None:
             aux_logits = self.aux_head(self._mlp_input(target, full), batch.target_mask, ttype)
         return logits, aux_logits
 
@@ -149,6 +165,52 @@ class TwoStageModel(SequenceModel):
         if p.target_repr:
             return torch.cat((target, pooled, target * pooled), dim=-1)
         return torch.cat((target, pooled), dim=-1)
+
+
+def fused_soft_search(
+    keys: HistoryEmbedding,
+    values: HistoryEmbedding,
+    query: TargetEmbedding,
+    mask: Tensor,
+    k: int,
+    full: bool,
+) -> tuple[Tensor, Tensor | None] | None:
+    """Soft top-k search, softmax over the top k and pooling (and the full-history pooling) as
+    in `_run`, by nn.search_attention; None where it does not apply (multi-valued or gathered
+    fields, keys and values at different indices, other dtypes or devices)."""
+    if len(keys.fields) != len(values.fields):
+        return None
+    attn, repr_, index, queries = [], [], [], []
+    for kf, vf, q in zip(keys.fields, values.fields, query.fields, strict=True):
+        if not (kf.fused and kf.inverse is vf.inverse and kf.value_mask is None):
+            return None
+        if kf.gathered is not None or vf.gathered is not None:
+            return None
+        attn.append(kf.rows)
+        repr_.append(vf.rows)
+        index.append(kf.inverse)
+        queries.append(q)
+    scale = [keys.sem_dim**-0.5] * len(attn)
+    if values.pos is not None or keys.pos is not None:
+        b, m = queries[0].shape[:2]
+        length = mask.shape[-1]
+        like = queries[0]
+        if keys.pos is not None and query.pos is not None:
+            attn_pos, q_pos = keys.pos, query.pos.expand(b, m, -1)
+            scale.append(keys.pos.shape[-1] ** -0.5)
+        else:
+            attn_pos, q_pos = like.new_zeros(length, 0), like.new_zeros(b, m, 0)
+            scale.append(1.0)
+        attn.append(attn_pos)
+        repr_.append(values.pos if values.pos is not None else like.new_zeros(length, 0))
+        index.append(None)
+        queries.append(q_pos)
+    if not search_attention.applicable(*attn, *repr_, *queries):
+        return None
+    top, pooled_all, _, _ = search_attention.search_attend(
+        attn, repr_, index, queries, scale, mask, k, full
+    )
+    return top, pooled_all
 
 
 register_variant(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from longrec.nn import row_kernels
+
 
 def init_normal(module: nn.Module, std: float) -> None:
     """DARE's init: N(0, std) for every non-bias parameter, zeros for biases."""
@@ -96,27 +98,35 @@ class _LookupRows(torch.autograd.Function):
     its zero-fills took a fifth of a training step."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -> Tensor:
+    def forward(
+        ctx, weight: Tensor, ids: Tensor, padding_idx: int | None, distinct: bool
+    ) -> Tensor:
         ctx.save_for_backward(ids)
-        ctx.shape, ctx.padding_idx = weight.shape, padding_idx
+        ctx.shape, ctx.padding_idx, ctx.distinct = weight.shape, padding_idx, distinct
         return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.shape)
         # a contiguous source: index_add_ takes a slow per-row path for strided ones (6x here)
-        out.index_add_(0, ids.reshape(-1), grad.reshape(-1, ctx.shape[1]).contiguous())
+        flat = grad.reshape(-1, ctx.shape[1]).contiguous()
+        if ctx.distinct and row_kernels.applicable(flat):
+            out = row_kernels.scatter_distinct_rows(ids.reshape(-1), flat, ctx.shape[0])
+        else:
+            out = grad.new_zeros(ctx.shape)
+            out.index_add_(0, ids.reshape(-1), flat)
         if ctx.padding_idx is not None:
             out[ctx.padding_idx] = 0  # nn.Embedding's padding_idx: that row never trains
-        return out, None, None
+        return out, None, None, None
 
 
 class RowTable(nn.Embedding):
     """nn.Embedding with a faster dense backward (`_LookupRows`); sparse tables, max_norm and
     scale_grad_by_freq keep PyTorch's own lookup. Same parameters and state_dict keys."""
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, distinct: bool = False) -> Tensor:
+        """`distinct`: the caller guarantees no id repeats (a de-duplicated batch), which lets
+        the backward write rows in parallel instead of accumulating them."""
         if (
             self.sparse
             or self.max_norm is not None
@@ -124,7 +134,7 @@ class RowTable(nn.Embedding):
             or not (torch.is_grad_enabled() and self.weight.requires_grad)
         ):
             return super().forward(ids)
-        return _LookupRows.apply(self.weight, ids, self.padding_idx)
+        return _LookupRows.apply(self.weight, ids, self.padding_idx, distinct)
 
 
 def gather_rows(rows: Tensor, index: Tensor) -> Tensor:

@@ -26,7 +26,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "row_kernels.cpp"
+SOURCES = [
+    Path(__file__).with_name("csrc") / n for n in ("row_kernels.cpp", "search_attention.cpp")
+]
 
 
 @cache
@@ -38,8 +40,9 @@ def _extension() -> ModuleType | None:
     try:
         return cpp_extension.load(
             name="longrec_row_kernels",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # no compiler or ninja: the PyTorch path computes the same
@@ -96,6 +99,11 @@ def dedup_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     """(distinct ids in order of first appearance [U], inverse with the shape of ids)."""
     uniq, inverse = _extension().dedup_ids(ids.contiguous().long(), vocab)
     return uniq, inverse
+
+
+def scatter_distinct_rows(ids: Tensor, grad: Tensor, vocab: int) -> Tensor:
+    """[vocab, d] zeros with grad[i] at row ids[i]; the ids must be distinct."""
+    return _extension().scatter_distinct_rows(ids.contiguous().long(), grad.contiguous(), vocab)
 
 
 def rowwise_adam_(

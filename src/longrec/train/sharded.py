@@ -236,7 +236,8 @@ class ShardedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = spec.rows, spec.dim
         self.padding_idx = spec.padding_idx
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, distinct: bool = False) -> Tensor:
+        """`distinct` (RowTable's hint that no id repeats) changes nothing here."""
         rows = self._sharded.lookup(self.table, ids)
         if self.padding_idx is not None:
             rows = rows * (ids != self.padding_idx).unsqueeze(-1).to(rows.dtype)

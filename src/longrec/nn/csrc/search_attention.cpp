@@ -1,0 +1,422 @@
+// The soft search and target attention of the two-stage models (DARE, TWIN, TWIN-4E) as one
+// pass per user, forward and backward (longrec.nn.search_attention).
+//
+// Why: with the row kernels alone, a DARE step at B=2048, L=200 spent a fifth of its time in
+// the PyTorch operations between them (masking, top-k, two softmaxes, gathering and pooling the
+// top K, and their backward), each a full pass over [B, M, L] tensors. Here, per user, the
+// scores stay in a thread-local buffer while the top K are selected, both softmaxes taken and
+// both poolings (top K and, for DARE's auxiliary head, the whole history) summed.
+//
+// A history is F fields, each distinct rows plus an index [B, L] into them (or no index: row l
+// is position l, the target-relative position tables). Field f has attention rows A_f [U, da]
+// and representation rows R_f [U, dr] at the same index, a per-target query Q_f [B, M, da] and
+// a scale: score[b, m, l] = sum_f scale_f <Q_f[b, m], A_f[row]>. Outputs are concatenated over
+// fields in order: pooled [B, M, sum dr].
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kAhead = 4;  // behaviours prefetched ahead, as in row_kernels.cpp
+
+struct Field {
+  const float* A;
+  const float* R;
+  const int64_t* index;  // nullptr: row = position
+  const float* Q;
+  int64_t da, dr, sa, sr, rows, off;
+  float scale;
+};
+
+inline int64_t row_at(const Field& f, int64_t b, int64_t l, int64_t L) {
+  return f.index ? f.index[b * L + l] : l;
+}
+
+// Lane-wise accumulation: sum_f <x_f, y_f> over several fields is one horizontal sum.
+#if defined(__AVX512F__)
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+inline Vec fma_acc(Vec acc, const float* x, const float* y, int64_t d) {
+  for (int64_t j = 0; j < d; j += 16) {
+    const __mmask16 k = lanes(d - j);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + j), _mm512_maskz_loadu_ps(k, y + j), acc);
+  }
+  return acc;
+}
+inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline void axpy(float* y, float a, const float* x, int64_t d) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t j = 0; j < d; j += 16) {
+    const __mmask16 k = lanes(d - j);
+    const __m512 r = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(k, x + j),
+                                     _mm512_maskz_loadu_ps(k, y + j));
+    _mm512_mask_storeu_ps(y + j, k, r);
+  }
+}
+#else
+using Vec = float;
+inline Vec vzero() { return 0.f; }
+inline Vec fma_acc(Vec acc, const float* x, const float* y, int64_t d) {
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < d; ++j) acc += x[j] * y[j];
+  return acc;
+}
+inline float hsum(Vec v) { return v; }
+inline void axpy(float* y, float a, const float* x, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) y[j] += a * x[j];
+}
+#endif
+
+std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
+                             const std::vector<torch::Tensor>& repr,
+                             const std::vector<torch::Tensor>& index,
+                             const std::vector<torch::Tensor>& query,
+                             const std::vector<double>& scale, const torch::Tensor& mask) {
+  const size_t F = attn.size();
+  TORCH_CHECK(F > 0 && repr.size() == F && index.size() == F && query.size() == F &&
+                  scale.size() == F,
+              "search_attend: attn, repr, index, query and scale need one entry per field");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kBool && mask.is_contiguous(),
+              "search_attend: mask must be a contiguous bool [B, L] tensor");
+  const int64_t B = mask.size(0), L = mask.size(1);
+  std::vector<Field> out;
+  int64_t off = 0;
+  for (size_t f = 0; f < F; ++f) {
+    const auto &a = attn[f], &r = repr[f], &i = index[f], &q = query[f];
+    for (const auto* t : {&a, &r})
+      TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && t->stride(1) == 1,
+                  "search_attend: field ", f, ": rows must be float32 [U, d], unit column stride");
+    TORCH_CHECK(a.size(0) == r.size(0), "search_attend: field ", f,
+                ": attention and representation rows differ in number");
+    const bool identity = i.numel() == 0;
+    if (identity) {
+      TORCH_CHECK(a.size(0) >= L, "search_attend: field ", f, ": ", a.size(0),
+                  " position rows for a history of ", L);
+    } else {
+      TORCH_CHECK(i.dim() == 2 && i.scalar_type() == torch::kLong && i.is_contiguous() &&
+                      i.size(0) == B && i.size(1) == L,
+                  "search_attend: field ", f, ": index must be a contiguous int64 [B, L] tensor");
+    }
+    TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous() &&
+                    q.size(0) == B && q.size(2) == a.size(1) &&
+                    (f == 0 || q.size(1) == query[0].size(1)),
+                "search_attend: field ", f, ": query must be a contiguous float32 [B, M, da]");
+    out.push_back(Field{a.data_ptr<float>(), r.data_ptr<float>(),
+                        identity ? nullptr : i.data_ptr<int64_t>(), q.data_ptr<float>(),
+                        a.size(1), r.size(1), a.stride(0), r.stride(0), a.size(0), off,
+                        static_cast<float>(scale[f])});
+    off += r.size(1);
+  }
+  return out;
+}
+
+int64_t pooled_width(const std::vector<Field>& fs) { return fs.back().off + fs.back().dr; }
+
+// Row u of `base` (row stride `stride`) into the cache, for reading or writing. An asm
+// statement: GCC 12 dropped __builtin_prefetch and _mm_prefetch from this file's loops.
+inline void prefetch(const float* base, int64_t u, int64_t stride, bool write = false) {
+  const float* row = base + u * stride;
+  if (write)
+    asm volatile("prefetchw %0" : : "m"(*row));
+  else
+    asm volatile("prefetcht0 %0" : : "m"(*row));
+}
+
+// The attention (or representation) row of field f at behaviour l + kAhead, and with `grad`
+// the same row of a gradient buffer [U, d].
+inline void prefetch_ahead(const Field& f, int64_t b, int64_t l, int64_t L, bool attn,
+                           float* grad = nullptr) {
+  if (f.index == nullptr || l + kAhead >= L) return;
+  const int64_t u = f.index[b * L + l + kAhead];
+  prefetch(attn ? f.A : f.R, u, attn ? f.sa : f.sr);
+  if (grad) prefetch(grad, u, attn ? f.da : f.dr, true);
+}
+
+// Floats as unsigned integers in the same order (sign-magnitude flipped); 0 is below every
+// real score's key and marks padding.
+inline uint32_t order_key(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The positions of the k highest scores among the real behaviours, in ascending position
+// order (ties at the threshold: the earliest), into `out`; returns how many (min(k, valid)).
+// The k-th largest key is found bit by bit, each step a branch-free count over the history
+// that the compiler vectorises: a comparison sort or nth_element mispredicts a branch on
+// every other element (4 us per user here, against 0.3).
+int64_t select_top(const float* s, const bool* mk, int64_t L, int64_t k, uint32_t* keys,
+                   int64_t* out) {
+  int64_t n = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    keys[l] = mk[l] ? order_key(s[l]) : 0u;
+    n += mk[l];
+  }
+  if (n <= k) {
+    for (int64_t l = 0, j = 0; l < L; ++l)
+      if (mk[l]) out[j++] = l;
+    return n;
+  }
+  uint32_t t = 0;  // the largest key with at least k keys at or above it
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t c = t | (1u << bit);
+    int64_t count = 0;
+    for (int64_t l = 0; l < L; ++l) count += keys[l] >= c;
+    if (count >= k) t = c;
+  }
+  int64_t above = 0;
+  for (int64_t l = 0; l < L; ++l) above += keys[l] > t;
+  int64_t j = 0, ties = k - above;
+  for (int64_t l = 0; l < L && j < k; ++l)
+    if (keys[l] > t || (keys[l] == t && ties-- > 0)) out[j++] = l;
+  return j;
+}
+
+}  // namespace
+
+// Returns {pooled_top [B, M, D], idx [B, M, K] int64, valid [B, M, K] bool, w_top [B, M, K],
+//          pooled_all [B, M, D] and w_all [B, M, L] (empty unless `full`)}.
+// K = min(k, L). The top K are in ascending position order. Slots past a history's real
+// behaviours are invalid, weigh 0 and point at padding positions. An all-padding history
+// pools to zeros.
+std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
+                                         const std::vector<torch::Tensor>& repr,
+                                         const std::vector<torch::Tensor>& index,
+                                         const std::vector<torch::Tensor>& query,
+                                         const std::vector<double>& scale,
+                                         const torch::Tensor& mask, int64_t k, bool full) {
+  const auto fs = fields_of(attn, repr, index, query, scale, mask);
+  const int64_t B = mask.size(0), L = mask.size(1), M = query[0].size(1);
+  const int64_t K = std::min(k, L), D = pooled_width(fs);
+  int64_t qw = 0;  // width of one target's scaled queries, all fields
+  for (const auto& f : fs) qw += f.da;
+  const auto fopt = query[0].options();
+  auto top = torch::zeros({B, M, D}, fopt);
+  auto idx = torch::empty({B, M, K}, mask.options().dtype(torch::kLong));
+  auto valid = torch::empty({B, M, K}, mask.options());
+  auto w_top = torch::empty({B, M, K}, fopt);
+  auto all = full ? torch::zeros({B, M, D}, fopt) : torch::empty({0}, fopt);
+  auto w_all = full ? torch::empty({B, M, L}, fopt) : torch::empty({0}, fopt);
+  const bool* MK = mask.data_ptr<bool>();
+  float* TOP = top.data_ptr<float>();
+  int64_t* IDX = idx.data_ptr<int64_t>();
+  bool* VAL = valid.data_ptr<bool>();
+  float* WT = w_top.data_ptr<float>();
+  float* ALL = full ? all.data_ptr<float>() : nullptr;
+  float* WA = full ? w_all.data_ptr<float>() : nullptr;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<float> s(M * L), qs(M * qw);
+    std::vector<uint32_t> keys(L);
+    for (int64_t b = b0; b < b1; ++b) {
+      const bool* mk = MK + b * L;
+      for (int64_t m = 0, o = 0; m < M; ++m)  // scaled queries, fields side by side
+        for (const auto& f : fs)
+          for (int64_t j = 0; j < f.da; ++j) qs[o++] = f.scale * f.Q[(b * M + m) * f.da + j];
+      // scores of every behaviour against every target, each row read once
+      for (int64_t l = 0; l < L; ++l) {
+        for (const auto& f : fs) prefetch_ahead(f, b, l, L, true);
+        if (!mk[l]) {
+          for (int64_t m = 0; m < M; ++m) s[m * L + l] = neg_inf;
+          continue;
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          Vec acc = vzero();
+          const float* q = qs.data() + m * qw;
+          for (const auto& f : fs) {
+            acc = fma_acc(acc, q, f.A + row_at(f, b, l, L) * f.sa, f.da);
+            q += f.da;
+          }
+          s[m * L + l] = hsum(acc);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const float* sm = s.data() + m * L;
+        const int64_t bm = b * M + m;
+        int64_t* id = IDX + bm * K;
+        bool* va = VAL + bm * K;
+        float* wt = WT + bm * K;
+        const int64_t n = select_top(sm, mk, L, K, keys.data(), id);
+        for (const auto& f : fs)  // the selected rows, while the softmax is computed
+          for (int64_t j = 0; j < n; ++j)
+            if (f.index) prefetch(f.R, f.index[b * L + id[j]], f.sr);
+        float mx = neg_inf;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sm[id[j]]);
+        float total = 0.f;
+        for (int64_t j = 0; j < n; ++j) total += (wt[j] = std::exp(sm[id[j]] - mx));
+        for (int64_t j = 0; j < n; ++j) wt[j] /= total, va[j] = true;
+        for (int64_t l = 0, j = n; j < K; ++l)  // padding positions as invalid filler
+          if (!mk[l]) id[j] = l, va[j] = false, wt[j++] = 0.f;
+        float* out = TOP + bm * D;
+        for (const auto& f : fs)
+          for (int64_t j = 0; j < n; ++j)
+            axpy(out + f.off, wt[j], f.R + row_at(f, b, id[j], L) * f.sr, f.dr);
+        if (!full) continue;
+        float* wa = WA + bm * L;
+        if (n == 0) {
+          std::fill(wa, wa + L, 0.f);
+          continue;
+        }
+        float sum = 0.f;
+        for (int64_t l = 0; l < L; ++l) sum += (wa[l] = mk[l] ? std::exp(sm[l] - mx) : 0.f);
+        const float inv = 1.f / sum;
+        for (int64_t l = 0; l < L; ++l) wa[l] *= inv;
+      }
+      if (!full) continue;
+      // the auxiliary head's pooling over the whole history
+      for (int64_t l = 0; l < L; ++l) {
+        for (const auto& f : fs) prefetch_ahead(f, b, l, L, false);
+        if (!mk[l]) continue;
+        for (const auto& f : fs) {
+          const float* r = f.R + row_at(f, b, l, L) * f.sr;
+          for (int64_t m = 0; m < M; ++m)
+            axpy(ALL + (b * M + m) * D + f.off, WA[(b * M + m) * L + l], r, f.dr);
+        }
+      }
+    }
+  });
+  return {top, idx, valid, w_top, all, w_all};
+}
+
+// Gradients of search_attend with respect to every field's attention rows, representation
+// rows and query: {dA_0.., dR_0.., dQ_0..}. `grad_all` may be empty (no auxiliary head).
+// Each thread takes a fixed share of the batch and adds into its own copy of the rows'
+// gradients, zeroed by that thread; the copies are summed in thread order, so results are
+// deterministic.
+std::vector<torch::Tensor> search_attend_backward(
+    const std::vector<torch::Tensor>& attn, const std::vector<torch::Tensor>& repr,
+    const std::vector<torch::Tensor>& index, const std::vector<torch::Tensor>& query,
+    const std::vector<double>& scale, const torch::Tensor& mask, const torch::Tensor& idx,
+    const torch::Tensor& w_top, const torch::Tensor& w_all, const torch::Tensor& grad_top,
+    const torch::Tensor& grad_all) {
+  const auto fs = fields_of(attn, repr, index, query, scale, mask);
+  const int64_t B = mask.size(0), L = mask.size(1), M = query[0].size(1), K = idx.size(2);
+  const int64_t D = pooled_width(fs), F = fs.size();
+  const bool full = grad_all.numel() > 0;
+  TORCH_CHECK(grad_top.is_contiguous() && grad_top.numel() == B * M * D &&
+                  (!full || (grad_all.is_contiguous() && grad_all.numel() == B * M * D &&
+                             w_all.numel() == B * M * L)),
+              "search_attend_backward: gradients must be contiguous [B, M, D]");
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  std::vector<torch::Tensor> part_a, part_r, grad_q;
+  std::vector<float*> PA(F), PR(F), GQ(F);
+  for (int64_t f = 0; f < F; ++f) {
+    part_a.push_back(torch::empty({parts, fs[f].rows, fs[f].da}, query[f].options()));
+    part_r.push_back(torch::empty({parts, fs[f].rows, fs[f].dr}, query[f].options()));
+    grad_q.push_back(torch::zeros_like(query[f]));
+    PA[f] = part_a[f].data_ptr<float>();
+    PR[f] = part_r[f].data_ptr<float>();
+    GQ[f] = grad_q[f].data_ptr<float>();
+  }
+  const bool* MK = mask.data_ptr<bool>();
+  const int64_t* IDX = idx.data_ptr<int64_t>();
+  const float* WT = w_top.data_ptr<float>();
+  const float* WA = full ? w_all.data_ptr<float>() : nullptr;
+  const float* GT = grad_top.data_ptr<float>();
+  const float* GA = full ? grad_all.data_ptr<float>() : nullptr;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> gs(M * L), gw(M * L), gwt(K);
+    std::vector<float*> ga(F), gr(F);
+    for (int64_t part = p0; part < p1; ++part) {
+      for (int64_t f = 0; f < F; ++f) {
+        ga[f] = PA[f] + part * fs[f].rows * fs[f].da;
+        gr[f] = PR[f] + part * fs[f].rows * fs[f].dr;
+        std::memset(ga[f], 0, sizeof(float) * fs[f].rows * fs[f].da);
+        std::memset(gr[f], 0, sizeof(float) * fs[f].rows * fs[f].dr);
+      }
+      for (int64_t b = B * part / parts; b < B * (part + 1) / parts; ++b) {
+        const bool* mk = MK + b * L;
+        std::fill(gs.begin(), gs.end(), 0.f);
+        if (full) {  // the whole-history pooling: representation gradients and d(weights)
+          for (int64_t l = 0; l < L; ++l) {
+            for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, false, gr[f]);
+            if (!mk[l]) continue;
+            for (int64_t m = 0; m < M; ++m) {
+              const float* go = GA + (b * M + m) * D;
+              const float w = WA[(b * M + m) * L + l];
+              Vec acc = vzero();
+              for (int64_t f = 0; f < F; ++f) {
+                const Field& fd = fs[f];
+                const int64_t u = row_at(fd, b, l, L);
+                acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, fd.dr);
+                axpy(gr[f] + u * fd.dr, w, go + fd.off, fd.dr);
+              }
+              gw[m * L + l] = hsum(acc);
+            }
+          }
+          for (int64_t m = 0; m < M; ++m) {  // softmax backward
+            const float* wa = WA + (b * M + m) * L;
+            float c = 0.f;
+            for (int64_t l = 0; l < L; ++l)
+              if (mk[l]) c += wa[l] * gw[m * L + l];
+            for (int64_t l = 0; l < L; ++l)
+              if (mk[l]) gs[m * L + l] = wa[l] * (gw[m * L + l] - c);
+          }
+        }
+        for (int64_t m = 0; m < M; ++m) {  // the top-K pooling
+          const int64_t bm = b * M + m;
+          const int64_t* id = IDX + bm * K;
+          const float* wt = WT + bm * K;
+          const float* go = GT + bm * D;
+          for (int64_t f = 0; f < F; ++f) {  // the selected rows and their gradient rows
+            if (!fs[f].index) continue;
+            for (int64_t j = 0; j < K; ++j) {
+              const int64_t u = fs[f].index[b * L + id[j]];
+              prefetch(fs[f].R, u, fs[f].sr);
+              prefetch(gr[f], u, fs[f].dr, true);
+            }
+          }
+          float c = 0.f;
+          for (int64_t j = 0; j < K; ++j) {
+            gwt[j] = 0.f;
+            if (wt[j] == 0.f) continue;  // invalid slots, and underflowed weights
+            Vec acc = vzero();
+            for (int64_t f = 0; f < F; ++f) {
+              const Field& fd = fs[f];
+              const int64_t u = row_at(fd, b, id[j], L);
+              acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, fd.dr);
+              axpy(gr[f] + u * fd.dr, wt[j], go + fd.off, fd.dr);
+            }
+            gwt[j] = hsum(acc);
+            c += wt[j] * gwt[j];
+          }
+          for (int64_t j = 0; j < K; ++j)
+            if (wt[j] != 0.f) gs[m * L + id[j]] += wt[j] * (gwt[j] - c);
+        }
+        // scores: attention rows and queries
+        for (int64_t l = 0; l < L; ++l) {
+          for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, ga[f]);
+          if (!mk[l]) continue;
+          for (int64_t f = 0; f < F; ++f) {
+            const Field& fd = fs[f];
+            const int64_t u = row_at(fd, b, l, L);
+            const float* a = fd.A + u * fd.sa;
+            float* g = ga[f] + u * fd.da;
+            for (int64_t m = 0; m < M; ++m) {
+              const float c = gs[m * L + l] * fd.scale;
+              axpy(g, c, fd.Q + (b * M + m) * fd.da, fd.da);
+              axpy(GQ[f] + (b * M + m) * fd.da, c, a, fd.da);
+            }
+          }
+        }
+      }
+    }
+  });
+  std::vector<torch::Tensor> out;
+  for (int64_t f = 0; f < F; ++f) out.push_back(parts == 1 ? part_a[f][0] : part_a[f].sum(0));
+  for (int64_t f = 0; f < F; ++f) out.push_back(parts == 1 ? part_r[f][0] : part_r[f].sum(0));
+  for (int64_t f = 0; f < F; ++f) out.push_back(grad_q[f]);
+  return out;
+}

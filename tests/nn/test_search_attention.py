@@ -1,0 +1,150 @@
+"""The fused soft search (nn.search_attention) against the PyTorch operations it replaces
+(scores, `topk_search`, `masked_softmax`, top-k and full-history pooling) in float64: outputs
+and every gradient, with several targets per user, padding, histories shorter than k, an
+all-padding history, position fields (no index) and zero-width fields."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longrec.nn import row_kernels, search_attention
+from longrec.nn.attention import masked_softmax
+from longrec.nn.search import topk_search
+
+CASES = [  # (batch B, targets M, history L, k, distinct rows per field, with a position field)
+    (6, 1, 30, 5, (11, 4), True),
+    (4, 3, 17, 8, (50,), False),
+    (3, 2, 6, 10, (5, 3), True),  # L < k
+    (8, 1, 200, 20, (300, 40), True),  # DARE's shape, smaller batch
+]
+
+
+def test_the_extension_builds_here():
+    assert row_kernels.available()
+
+
+def _case(b, m, length, k, uniq, pos, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    attn_dims, repr_dims = [4, 3, 16][: len(uniq)], [5, 2, 16][: len(uniq)]
+    attn = [torch.randn(u, d, generator=g) for u, d in zip(uniq, attn_dims, strict=True)]
+    repr_ = [torch.randn(u, d, generator=g) for u, d in zip(uniq, repr_dims, strict=True)]
+    index = [torch.randint(0, u, (b, length), generator=g) for u in uniq]
+    if pos:
+        attn.append(torch.randn(length + 2, 3, generator=g))
+        repr_.append(torch.randn(length + 2, 4, generator=g))
+        index.append(None)
+    query = [torch.randn(b, m, a.shape[1], generator=g) for a in attn]
+    scale = [0.5] * len(uniq) + ([0.7] if pos else [])
+    mask = torch.rand(b, length, generator=g) < 0.8
+    mask[0] = False  # an all-padding history
+    if b > 1:
+        mask[1, 2:] = False  # fewer real behaviours than k
+    params = [t.requires_grad_() for t in (*attn, *repr_, *query)]
+    return attn, repr_, index, query, scale, mask, params
+
+
+def _reference(attn, repr_, index, query, scale, mask, k):
+    b, length = mask.shape
+    s = 0
+    for a, i, q, c in zip(attn, index, query, scale, strict=True):
+        rows = a[i] if i is not None else a[:length].expand(b, length, -1)
+        s = s + c * torch.einsum("bmd,bld->bml", q, rows)
+    idx, valid = topk_search(s, mask, k)
+    w_top = masked_softmax(torch.gather(s, 2, idx), valid)
+    w_all = masked_softmax(s, mask)
+    top, full = [], []
+    for r, i in zip(repr_, index, strict=True):
+        rows = r[i] if i is not None else r[:length].expand(b, length, -1)
+        picked = torch.gather(
+            rows.unsqueeze(1).expand(-1, idx.shape[1], -1, -1),
+            2,
+            idx.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1]),
+        )
+        top.append((w_top.unsqueeze(-1) * picked).sum(2))
+        full.append(w_all @ rows)
+    return torch.cat(top, -1), torch.cat(full, -1), idx, valid
+
+
+@pytest.mark.parametrize("b,m,length,k,uniq,pos", CASES)
+def test_fused_search_equals_pytorch_in_float64(b, m, length, k, uniq, pos):
+    attn, repr_, index, query, scale, mask, params = _case(b, m, length, k, uniq, pos)
+    top, full, idx, valid = search_attention.search_attend(
+        attn, repr_, index, query, scale, mask, k, full=True
+    )
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    n = len(attn)
+    r_attn, r_repr, r_query = ref_params[:n], ref_params[n : 2 * n], ref_params[2 * n :]
+    r_top, r_full, r_idx, r_valid = _reference(r_attn, r_repr, index, r_query, scale, mask, k)
+    torch.testing.assert_close(top, r_top.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full, r_full.float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(valid, r_valid)
+    # the same behaviours are selected (the order within the top k may differ)
+    picked = torch.where(valid, idx, -1).sort(-1).values
+    assert torch.equal(picked, torch.where(r_valid, r_idx, -1).sort(-1).values)
+    assert not (
+        ~mask.unsqueeze(1).expand_as(torch.zeros(b, m, length)).gather(2, idx) & valid
+    ).any()
+    assert top[0].abs().max() == 0 and full[0].abs().max() == 0  # all-padding pools to zero
+    g = torch.Generator().manual_seed(1)
+    g_top, g_full = torch.randn(top.shape, generator=g), torch.randn(full.shape, generator=g)
+    got = torch.autograd.grad((top * g_top).sum() + (full * g_full).sum(), params)
+    want = torch.autograd.grad(
+        (r_top * g_top.double()).sum() + (r_full * g_full.double()).sum(), ref_params
+    )
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max()))
+
+
+def test_without_the_full_pooling_only_the_top_k_is_computed():
+    attn, repr_, index, query, scale, mask, params = _case(5, 2, 40, 6, (30, 7), True)
+    top, full, _, _ = search_attention.search_attend(
+        attn, repr_, index, query, scale, mask, 6, full=False
+    )
+    assert full is None
+    both, _, _, _ = search_attention.search_attend(
+        attn, repr_, index, query, scale, mask, 6, full=True
+    )
+    torch.testing.assert_close(top, both)
+    grads = torch.autograd.grad(top.sum(), params)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_zero_width_fields_change_nothing():
+    """A position field with no attention width (or no representation width) is how the
+    towers pass a missing position table."""
+    attn, repr_, index, query, scale, mask, _ = _case(4, 1, 25, 5, (20,), False)
+    base = search_attention.search_attend(attn, repr_, index, query, scale, mask, 5, True)
+    padded = search_attention.search_attend(
+        [*attn, torch.zeros(25, 0)],
+        [*repr_, torch.zeros(25, 0)],
+        [*index, None],
+        [*query, torch.zeros(4, 1, 0)],
+        [*scale, 1.0],
+        mask,
+        5,
+        True,
+    )
+    for a, e in zip(padded[:2], base[:2], strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_gradients_are_deterministic():
+    attn, repr_, index, query, scale, mask, params = _case(64, 1, 50, 8, (40, 9), True)
+
+    def grads():
+        top, full, _, _ = search_attention.search_attend(
+            attn, repr_, index, query, scale, mask, 8, True
+        )
+        return torch.autograd.grad(top.sin().sum() + full.cos().sum(), params)
+
+    for a, b in zip(grads(), grads(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_shapes_get_a_clear_error():
+    attn, repr_, index, _query, scale, mask, _ = _case(4, 1, 25, 5, (20,), False)
+    with pytest.raises(RuntimeError, match="query must be a contiguous float32"):
+        search_attention.search_attend(
+            attn, repr_, index, [torch.zeros(4, 1, 3)], scale, mask, 5, True
+        )
