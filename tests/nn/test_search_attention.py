@@ -148,3 +148,12 @@ def test_bad_shapes_get_a_clear_error():
         search_attention.search_attend(
             attn, repr_, index, [torch.zeros(4, 1, 3)], scale, mask, 5, True
         )
+
+
+def test_ids_past_the_table_are_refused_not_read():
+    """Inference passes the raw ids straight into the tables: a bad id must fail cleanly."""
+    attn, repr_, index, query, scale, mask, _ = _case(4, 1, 25, 5, (20,), False)
+    index = [index[0].clone()]
+    index[0][2, 3] = 20
+    with pytest.raises(RuntimeError, match="1 ids outside"):
+        search_attention.search_attend(attn, repr_, index, query, scale, mask, 5, False)

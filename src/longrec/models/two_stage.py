@@ -102,6 +102,25 @@ class TwoStageModel(SequenceModel):
             state["category"] = batch.history["category"]
         return state
 
+    def forward(self, batch: Batch) -> Tensor:
+        """Inference reads the tables at the raw ids when the fused soft search applies (same
+        logits as score(encode_user(batch)) to float rounding)."""
+        if not torch.is_grad_enabled() and self._fuses_search():
+            ids = {f: batch.history[f].long().contiguous() for f in self.fields}
+            keys = self.towers.table_history("attn_hist", batch, ids)
+            values = self.towers.table_history("repr_hist", batch, ids)
+            if keys is not None and values is not None:
+                query = self.towers.target("attn_tgt", batch)
+                mask = batch.history_mask
+                fused = fused_soft_search(keys, values, query, mask, self.params.top_k, False)
+                if fused is not None:
+                    return self._heads(batch, None, fused[0], None)[0]
+        return super().forward(batch)
+
+    def _fuses_search(self) -> bool:
+        p = self.params
+        return p.search == "soft" and p.fused_kernels and p.fused_search and self.sink is None
+
     def score(self, state: UserState, batch: Batch) -> Tensor:
         return self._run(state, batch, aux=False)[0]
 
@@ -127,7 +146,7 @@ class TwoStageModel(SequenceModel):
         query = self.towers.target("attn_tgt", batch, cache)
         mask, values = state["mask"], state["values"]
         fused = None
-        if p.search == "soft" and p.fused_kernels and p.fused_search and self.sink is None:
+        if self._fuses_search():
             fused = fused_soft_search(state["keys"], values, query, mask, p.top_k, aux)
         if fused is not None:
             pooled, full = fused

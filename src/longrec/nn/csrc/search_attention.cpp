@@ -83,7 +83,8 @@ std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
                              const std::vector<torch::Tensor>& repr,
                              const std::vector<torch::Tensor>& index,
                              const std::vector<torch::Tensor>& query,
-                             const std::vector<double>& scale, const torch::Tensor& mask) {
+                             const std::vector<double>& scale, const torch::Tensor& mask,
+                             bool check_index) {
   const size_t F = attn.size();
   TORCH_CHECK(F > 0 && repr.size() == F && index.size() == F && query.size() == F &&
                   scale.size() == F,
@@ -108,6 +109,13 @@ std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
       TORCH_CHECK(i.dim() == 2 && i.scalar_type() == torch::kLong && i.is_contiguous() &&
                       i.size(0) == B && i.size(1) == L,
                   "search_attend: field ", f, ": index must be a contiguous int64 [B, L] tensor");
+      if (check_index) {  // rows are read unchecked below: an id past the table would not fail
+        const int64_t* I = i.data_ptr<int64_t>();
+        int64_t bad = 0;
+        for (int64_t p = 0; p < B * L; ++p) bad += (I[p] < 0) | (I[p] >= a.size(0));
+        TORCH_CHECK(bad == 0, "search_attend: field ", f, ": ", bad, " ids outside [0, ",
+                    a.size(0), ")");
+      }
     }
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous() &&
                     q.size(0) == B && q.size(2) == a.size(1) &&
@@ -197,7 +205,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
                                          const std::vector<torch::Tensor>& query,
                                          const std::vector<double>& scale,
                                          const torch::Tensor& mask, int64_t k, bool full) {
-  const auto fs = fields_of(attn, repr, index, query, scale, mask);
+  const auto fs = fields_of(attn, repr, index, query, scale, mask, true);
   const int64_t B = mask.size(0), L = mask.size(1), M = query[0].size(1);
   const int64_t K = std::min(k, L), D = pooled_width(fs);
   int64_t qw = 0;  // width of one target's scaled queries, all fields
@@ -301,7 +309,7 @@ std::vector<torch::Tensor> search_attend_backward(
     const std::vector<double>& scale, const torch::Tensor& mask, const torch::Tensor& idx,
     const torch::Tensor& w_top, const torch::Tensor& w_all, const torch::Tensor& grad_top,
     const torch::Tensor& grad_all) {
-  const auto fs = fields_of(attn, repr, index, query, scale, mask);
+  const auto fs = fields_of(attn, repr, index, query, scale, mask, false);
   const int64_t B = mask.size(0), L = mask.size(1), M = query[0].size(1), K = idx.size(2);
   const int64_t D = pooled_width(fs), F = fs.size();
   const bool full = grad_all.numel() > 0;
