@@ -19,10 +19,11 @@ trap 'git -C "$root" worktree remove --force "$tmp/base" >/dev/null 2>&1 || true
       git -C "$root" worktree remove --force "$tmp/new" >/dev/null 2>&1 || true; rm -rf "$tmp"' EXIT
 git -C "$root" worktree add -q --detach "$tmp/base" "$base"
 git -C "$root" worktree add -q --detach "$tmp/new" "$new"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}"
 for round in $(seq 1 "$rounds"); do
   for side in base new; do
-    out=$(PYTHONPATH="$tmp/$side/src" "$py" -m longrec bench train "$@" 2>/dev/null)
+    # one extension build per side: a shared cache would rebuild at every switch
+    out=$(PYTHONPATH="$tmp/$side/src" TORCH_EXTENSIONS_DIR="$tmp/$side-ext" \
+      "$py" -m longrec bench train "$@" 2>/dev/null)
     echo "$side round $round $(echo "$out" | "$py" -c \
       'import json, sys; d = json.load(sys.stdin); print(d["train_samples_per_s"], d["infer_samples_per_s"])')"
   done

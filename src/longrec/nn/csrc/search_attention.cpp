@@ -142,14 +142,17 @@ inline void prefetch(const float* base, int64_t u, int64_t stride, bool write = 
     asm volatile("prefetcht0 %0" : : "m"(*row));
 }
 
-// The attention (or representation) row of field f at behaviour l + kAhead, and with `grad`
-// the same row of a gradient buffer [U, d].
+// Field f's rows at behaviour l + kAhead: its attention and/or representation row, and the
+// same rows of gradient buffers [U, d] (null: not wanted). A pass that is followed by another
+// over the same user prefetches for both, so the second finds its rows in L1/L2.
 inline void prefetch_ahead(const Field& f, int64_t b, int64_t l, int64_t L, bool attn,
-                           float* grad = nullptr) {
+                           bool repr, float* grad_attn = nullptr, float* grad_repr = nullptr) {
   if (f.index == nullptr || l + kAhead >= L) return;
   const int64_t u = f.index[b * L + l + kAhead];
-  prefetch(attn ? f.A : f.R, u, attn ? f.sa : f.sr);
-  if (grad) prefetch(grad, u, attn ? f.da : f.dr, true);
+  if (attn) prefetch(f.A, u, f.sa);
+  if (repr) prefetch(f.R, u, f.sr);
+  if (grad_attn) prefetch(grad_attn, u, f.da, true);
+  if (grad_repr) prefetch(grad_repr, u, f.dr, true);
 }
 
 // Floats as unsigned integers in the same order (sign-magnitude flipped); 0 is below every
@@ -235,7 +238,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           for (int64_t j = 0; j < f.da; ++j) qs[o++] = f.scale * f.Q[(b * M + m) * f.da + j];
       // scores of every behaviour against every target, each row read once
       for (int64_t l = 0; l < L; ++l) {
-        for (const auto& f : fs) prefetch_ahead(f, b, l, L, true);
+        for (const auto& f : fs) prefetch_ahead(f, b, l, L, true, full);
         if (!mk[l]) {
           for (int64_t m = 0; m < M; ++m) s[m * L + l] = neg_inf;
           continue;
@@ -285,7 +288,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
       if (!full) continue;
       // the auxiliary head's pooling over the whole history
       for (int64_t l = 0; l < L; ++l) {
-        for (const auto& f : fs) prefetch_ahead(f, b, l, L, false);
+        for (const auto& f : fs) prefetch_ahead(f, b, l, L, false, true);
         if (!mk[l]) continue;
         for (const auto& f : fs) {
           const float* r = f.R + row_at(f, b, l, L) * f.sr;
@@ -349,7 +352,7 @@ std::vector<torch::Tensor> search_attend_backward(
         std::fill(gs.begin(), gs.end(), 0.f);
         if (full) {  // the whole-history pooling: representation gradients and d(weights)
           for (int64_t l = 0; l < L; ++l) {
-            for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, false, gr[f]);
+            for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, true, ga[f], gr[f]);
             if (!mk[l]) continue;
             for (int64_t m = 0; m < M; ++m) {
               const float* go = GA + (b * M + m) * D;
@@ -405,7 +408,7 @@ std::vector<torch::Tensor> search_attend_backward(
         }
         // scores: attention rows and queries
         for (int64_t l = 0; l < L; ++l) {
-          for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, ga[f]);
+          for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, false, ga[f]);
           if (!mk[l]) continue;
           for (int64_t f = 0; f < F; ++f) {
             const Field& fd = fs[f];
