@@ -12,11 +12,13 @@ from longrec.nn import row_kernels, search_attention
 from longrec.nn.attention import masked_softmax
 from longrec.nn.search import topk_search
 
-CASES = [  # (batch B, targets M, history L, k, distinct rows per field, with a position field)
-    (6, 1, 30, 5, (11, 4), True),
-    (4, 3, 17, 8, (50,), False),
-    (3, 2, 6, 10, (5, 3), True),  # L < k
-    (8, 1, 200, 20, (300, 40), True),  # DARE's shape, smaller batch
+CASES = [  # (batch B, targets M, history L, k, distinct rows per field, with a position field,
+    #         every row width (None: mixed widths))
+    (6, 1, 30, 5, (11, 4), True, None),
+    (4, 3, 17, 8, (50,), False, None),
+    (3, 2, 6, 10, (5, 3), True, None),  # L < k
+    (8, 1, 200, 20, (300, 40), True, 16),  # DARE's shape, smaller batch: the width-16 path
+    (5, 2, 40, 6, (30, 7), True, 16),
 ]
 
 
@@ -24,15 +26,17 @@ def test_the_extension_builds_here():
     assert row_kernels.available()
 
 
-def _case(b, m, length, k, uniq, pos, seed=0):
+def _case(b, m, length, k, uniq, pos, width=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     attn_dims, repr_dims = [4, 3, 16][: len(uniq)], [5, 2, 16][: len(uniq)]
+    if width is not None:
+        attn_dims = repr_dims = [width] * len(uniq)
     attn = [torch.randn(u, d, generator=g) for u, d in zip(uniq, attn_dims, strict=True)]
     repr_ = [torch.randn(u, d, generator=g) for u, d in zip(uniq, repr_dims, strict=True)]
     index = [torch.randint(0, u, (b, length), generator=g) for u in uniq]
     if pos:
-        attn.append(torch.randn(length + 2, 3, generator=g))
-        repr_.append(torch.randn(length + 2, 4, generator=g))
+        attn.append(torch.randn(length + 2, width or 3, generator=g))
+        repr_.append(torch.randn(length + 2, width or 4, generator=g))
         index.append(None)
     query = [torch.randn(b, m, a.shape[1], generator=g) for a in attn]
     scale = [0.5] * len(uniq) + ([0.7] if pos else [])
@@ -66,9 +70,9 @@ def _reference(attn, repr_, index, query, scale, mask, k):
     return torch.cat(top, -1), torch.cat(full, -1), idx, valid
 
 
-@pytest.mark.parametrize("b,m,length,k,uniq,pos", CASES)
-def test_fused_search_equals_pytorch_in_float64(b, m, length, k, uniq, pos):
-    attn, repr_, index, query, scale, mask, params = _case(b, m, length, k, uniq, pos)
+@pytest.mark.parametrize("b,m,length,k,uniq,pos,width", CASES)
+def test_fused_search_equals_pytorch_in_float64(b, m, length, k, uniq, pos, width):
+    attn, repr_, index, query, scale, mask, params = _case(b, m, length, k, uniq, pos, width)
     top, full, idx, valid = search_attention.search_attend(
         attn, repr_, index, query, scale, mask, k, full=True
     )
@@ -129,8 +133,9 @@ def test_zero_width_fields_change_nothing():
         torch.testing.assert_close(a, e)
 
 
-def test_gradients_are_deterministic():
-    attn, repr_, index, query, scale, mask, params = _case(64, 1, 50, 8, (40, 9), True)
+@pytest.mark.parametrize("width", [None, 16])
+def test_gradients_are_deterministic(width):
+    attn, repr_, index, query, scale, mask, params = _case(64, 1, 50, 8, (40, 9), True, width)
 
     def grads():
         top, full, _, _ = search_attention.search_attend(

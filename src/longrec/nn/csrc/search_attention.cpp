@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -155,6 +156,28 @@ inline void prefetch_ahead(const Field& f, int64_t b, int64_t l, int64_t L, bool
   if (grad_repr) prefetch(grad_repr, u, f.dr, true);
 }
 
+// Row widths: W = 0 reads them from the field, W > 0 is every field's width as a constant,
+// which lets the compiler unroll the vector helpers (DARE's widths are all 16).
+template <int64_t W>
+inline int64_t da_of(const Field& f) {
+  return W ? W : f.da;
+}
+template <int64_t W>
+inline int64_t dr_of(const Field& f) {
+  return W ? W : f.dr;
+}
+
+// Calls body(std::integral_constant<int64_t, W>) with W = 16 if every field is 16 wide.
+template <typename Body>
+void with_width(const std::vector<Field>& fs, Body&& body) {
+  bool all16 = true;
+  for (const auto& f : fs) all16 = all16 && f.da == 16 && f.dr == 16;
+  if (all16)
+    body(std::integral_constant<int64_t, 16>{});
+  else
+    body(std::integral_constant<int64_t, 0>{});
+}
+
 // Floats as unsigned integers in the same order (sign-magnitude flipped); 0 is below every
 // real score's key and marks padding.
 inline uint32_t order_key(float x) {
@@ -228,6 +251,8 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
   float* ALL = full ? all.data_ptr<float>() : nullptr;
   float* WA = full ? w_all.data_ptr<float>() : nullptr;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  with_width(fs, [&](auto width) {
+    constexpr int64_t W = decltype(width)::value;
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
     std::vector<float> s(M * L), qs(M * qw);
     std::vector<uint32_t> keys(L);
@@ -235,7 +260,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
       const bool* mk = MK + b * L;
       for (int64_t m = 0, o = 0; m < M; ++m)  // scaled queries, fields side by side
         for (const auto& f : fs)
-          for (int64_t j = 0; j < f.da; ++j) qs[o++] = f.scale * f.Q[(b * M + m) * f.da + j];
+          for (int64_t j = 0; j < da_of<W>(f); ++j) qs[o++] = f.scale * f.Q[(b * M + m) * da_of<W>(f) + j];
       // scores of every behaviour against every target, each row read once
       for (int64_t l = 0; l < L; ++l) {
         for (const auto& f : fs) prefetch_ahead(f, b, l, L, true, full);
@@ -247,8 +272,8 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           Vec acc = vzero();
           const float* q = qs.data() + m * qw;
           for (const auto& f : fs) {
-            acc = fma_acc(acc, q, f.A + row_at(f, b, l, L) * f.sa, f.da);
-            q += f.da;
+            acc = fma_acc(acc, q, f.A + row_at(f, b, l, L) * f.sa, da_of<W>(f));
+            q += da_of<W>(f);
           }
           s[m * L + l] = hsum(acc);
         }
@@ -273,7 +298,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
         float* out = TOP + bm * D;
         for (const auto& f : fs)
           for (int64_t j = 0; j < n; ++j)
-            axpy(out + f.off, wt[j], f.R + row_at(f, b, id[j], L) * f.sr, f.dr);
+            axpy(out + f.off, wt[j], f.R + row_at(f, b, id[j], L) * f.sr, dr_of<W>(f));
         if (!full) continue;
         float* wa = WA + bm * L;
         if (n == 0) {
@@ -293,10 +318,11 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
         for (const auto& f : fs) {
           const float* r = f.R + row_at(f, b, l, L) * f.sr;
           for (int64_t m = 0; m < M; ++m)
-            axpy(ALL + (b * M + m) * D + f.off, WA[(b * M + m) * L + l], r, f.dr);
+            axpy(ALL + (b * M + m) * D + f.off, WA[(b * M + m) * L + l], r, dr_of<W>(f));
         }
       }
     }
+  });
   });
   return {top, idx, valid, w_top, all, w_all};
 }
@@ -337,15 +363,17 @@ std::vector<torch::Tensor> search_attend_backward(
   const float* WA = full ? w_all.data_ptr<float>() : nullptr;
   const float* GT = grad_top.data_ptr<float>();
   const float* GA = full ? grad_all.data_ptr<float>() : nullptr;
+  with_width(fs, [&](auto width) {
+    constexpr int64_t W = decltype(width)::value;
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> gs(M * L), gw(M * L), gwt(K);
     std::vector<float*> ga(F), gr(F);
     for (int64_t part = p0; part < p1; ++part) {
       for (int64_t f = 0; f < F; ++f) {
-        ga[f] = PA[f] + part * fs[f].rows * fs[f].da;
-        gr[f] = PR[f] + part * fs[f].rows * fs[f].dr;
-        std::memset(ga[f], 0, sizeof(float) * fs[f].rows * fs[f].da);
-        std::memset(gr[f], 0, sizeof(float) * fs[f].rows * fs[f].dr);
+        ga[f] = PA[f] + part * fs[f].rows * da_of<W>(fs[f]);
+        gr[f] = PR[f] + part * fs[f].rows * dr_of<W>(fs[f]);
+        std::memset(ga[f], 0, sizeof(float) * fs[f].rows * da_of<W>(fs[f]));
+        std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
       }
       for (int64_t b = B * part / parts; b < B * (part + 1) / parts; ++b) {
         const bool* mk = MK + b * L;
@@ -361,8 +389,8 @@ std::vector<torch::Tensor> search_attend_backward(
               for (int64_t f = 0; f < F; ++f) {
                 const Field& fd = fs[f];
                 const int64_t u = row_at(fd, b, l, L);
-                acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, fd.dr);
-                axpy(gr[f] + u * fd.dr, w, go + fd.off, fd.dr);
+                acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
+                axpy(gr[f] + u * dr_of<W>(fd), w, go + fd.off, dr_of<W>(fd));
               }
               gw[m * L + l] = hsum(acc);
             }
@@ -386,7 +414,7 @@ std::vector<torch::Tensor> search_attend_backward(
             for (int64_t j = 0; j < K; ++j) {
               const int64_t u = fs[f].index[b * L + id[j]];
               prefetch(fs[f].R, u, fs[f].sr);
-              prefetch(gr[f], u, fs[f].dr, true);
+              prefetch(gr[f], u, dr_of<W>(fs[f]), true);
             }
           }
           float c = 0.f;
@@ -397,8 +425,8 @@ std::vector<torch::Tensor> search_attend_backward(
             for (int64_t f = 0; f < F; ++f) {
               const Field& fd = fs[f];
               const int64_t u = row_at(fd, b, id[j], L);
-              acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, fd.dr);
-              axpy(gr[f] + u * fd.dr, wt[j], go + fd.off, fd.dr);
+              acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
+              axpy(gr[f] + u * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
             }
             gwt[j] = hsum(acc);
             c += wt[j] * gwt[j];
@@ -414,16 +442,17 @@ std::vector<torch::Tensor> search_attend_backward(
             const Field& fd = fs[f];
             const int64_t u = row_at(fd, b, l, L);
             const float* a = fd.A + u * fd.sa;
-            float* g = ga[f] + u * fd.da;
+            float* g = ga[f] + u * da_of<W>(fd);
             for (int64_t m = 0; m < M; ++m) {
               const float c = gs[m * L + l] * fd.scale;
-              axpy(g, c, fd.Q + (b * M + m) * fd.da, fd.da);
-              axpy(GQ[f] + (b * M + m) * fd.da, c, a, fd.da);
+              axpy(g, c, fd.Q + (b * M + m) * da_of<W>(fd), da_of<W>(fd));
+              axpy(GQ[f] + (b * M + m) * da_of<W>(fd), c, a, da_of<W>(fd));
             }
           }
         }
       }
     }
+  });
   });
   std::vector<torch::Tensor> out;
   for (int64_t f = 0; f < F; ++f) out.push_back(parts == 1 ? part_a[f][0] : part_a[f].sum(0));
