@@ -26,7 +26,7 @@ def test_the_extension_builds_here():
     assert row_kernels.available()
 
 
-def _case(b, m, length, k, uniq, pos, width=None, seed=0):
+def _case(b, m, length, k, uniq, pos, width=None, seed=0, shared_pos=False):
     g = torch.Generator().manual_seed(seed)
     attn_dims, repr_dims = [4, 3, 16][: len(uniq)], [5, 2, 16][: len(uniq)]
     if width is not None:
@@ -39,6 +39,8 @@ def _case(b, m, length, k, uniq, pos, width=None, seed=0):
         repr_.append(torch.randn(length + 2, width or 4, generator=g))
         index.append(None)
     query = [torch.randn(b, m, a.shape[1], generator=g) for a in attn]
+    if pos and shared_pos:  # one position query for every target, as the towers pass it
+        query[-1] = torch.randn(1, 1, attn[-1].shape[1], generator=g)
     scale = [0.5] * len(uniq) + ([0.7] if pos else [])
     mask = torch.rand(b, length, generator=g) < 0.8
     mask[0] = False  # an all-padding history
@@ -50,8 +52,10 @@ def _case(b, m, length, k, uniq, pos, width=None, seed=0):
 
 def _reference(attn, repr_, index, query, scale, mask, k):
     b, length = mask.shape
+    m = query[0].shape[1]
     s = 0
     for a, i, q, c in zip(attn, index, query, scale, strict=True):
+        q = q.expand(b, m, -1)
         rows = a[i] if i is not None else a[:length].expand(b, length, -1)
         s = s + c * torch.einsum("bmd,bld->bml", q, rows)
     idx, valid = topk_search(s, mask, k)
@@ -70,9 +74,16 @@ def _reference(attn, repr_, index, query, scale, mask, k):
     return torch.cat(top, -1), torch.cat(full, -1), idx, valid
 
 
-@pytest.mark.parametrize("b,m,length,k,uniq,pos,width", CASES)
-def test_fused_search_equals_pytorch_in_float64(b, m, length, k, uniq, pos, width):
-    attn, repr_, index, query, scale, mask, params = _case(b, m, length, k, uniq, pos, width)
+# every case with its own per-target position queries, and the position cases also with the
+# one shared position query the towers pass
+SHARED = [(*c, False) for c in CASES] + [(*c, True) for c in CASES if c[5]]
+
+
+@pytest.mark.parametrize("b,m,length,k,uniq,pos,width,shared_pos", SHARED)
+def test_fused_search_equals_pytorch_in_float64(b, m, length, k, uniq, pos, width, shared_pos):
+    attn, repr_, index, query, scale, mask, params = _case(
+        b, m, length, k, uniq, pos, width, shared_pos=shared_pos
+    )
     top, full, idx, valid = search_attention.search_attend(
         attn, repr_, index, query, scale, mask, k, full=True
     )
@@ -135,7 +146,9 @@ def test_zero_width_fields_change_nothing():
 
 @pytest.mark.parametrize("width", [None, 16])
 def test_gradients_are_deterministic(width):
-    attn, repr_, index, query, scale, mask, params = _case(64, 1, 50, 8, (40, 9), True, width)
+    attn, repr_, index, query, scale, mask, params = _case(
+        64, 1, 50, 8, (40, 9), True, width, shared_pos=True
+    )
 
     def grads():
         top, full, _, _ = search_attention.search_attend(

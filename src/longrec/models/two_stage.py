@@ -211,14 +211,13 @@ def fused_soft_search(
         queries.append(q)
     scale = [keys.sem_dim**-0.5] * len(attn)
     if values.pos is not None or keys.pos is not None:
-        b, m = queries[0].shape[:2]
         length = mask.shape[-1]
         like = queries[0]
-        if keys.pos is not None and query.pos is not None:
-            attn_pos, q_pos = keys.pos, query.pos.expand(b, m, -1)
+        if keys.pos is not None and query.pos is not None:  # one query for every target
+            attn_pos, q_pos = keys.pos, query.pos.reshape(1, 1, -1)
             scale.append(keys.pos.shape[-1] ** -0.5)
         else:
-            attn_pos, q_pos = like.new_zeros(length, 0), like.new_zeros(b, m, 0)
+            attn_pos, q_pos = like.new_zeros(length, 0), like.new_zeros(1, 1, 0)
             scale.append(1.0)
         attn.append(attn_pos)
         repr_.append(values.pos if values.pos is not None else like.new_zeros(length, 0))

@@ -37,6 +37,7 @@ struct Field {
   const float* Q;
   int64_t da, dr, sa, sr, rows, off;
   float scale;
+  bool shared;  // one query [1, 1, da] for every target (position fields): see `shared_bias`
 };
 
 inline int64_t row_at(const Field& f, int64_t b, int64_t l, int64_t L) {
@@ -118,20 +119,36 @@ std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
                     a.size(0), ")");
       }
     }
+    const bool shared = identity && q.dim() == 3 && q.size(0) == 1 && q.size(1) == 1 &&
+                        query[0].size(0) == B;
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous() &&
-                    q.size(0) == B && q.size(2) == a.size(1) &&
-                    (f == 0 || q.size(1) == query[0].size(1)),
-                "search_attend: field ", f, ": query must be a contiguous float32 [B, M, da]");
+                    (q.size(0) == B || shared) && q.size(2) == a.size(1) &&
+                    (f == 0 || shared || q.size(1) == query[0].size(1)),
+                "search_attend: field ", f, ": query must be a contiguous float32 [B, M, da]",
+                " (or [1, 1, da] for a field without index)");
     out.push_back(Field{a.data_ptr<float>(), r.data_ptr<float>(),
                         identity ? nullptr : i.data_ptr<int64_t>(), q.data_ptr<float>(),
                         a.size(1), r.size(1), a.stride(0), r.stride(0), a.size(0), off,
-                        static_cast<float>(scale[f])});
+                        static_cast<float>(scale[f]), shared});
     off += r.size(1);
   }
   return out;
 }
 
 int64_t pooled_width(const std::vector<Field>& fs) { return fs.back().off + fs.back().dr; }
+
+// The score part of the shared-query fields, the same for every user: bias[l].
+std::vector<float> shared_bias(const std::vector<Field>& fs, int64_t L) {
+  std::vector<float> bias(L, 0.f);
+  for (const auto& f : fs)
+    if (f.shared)
+      for (int64_t l = 0; l < L; ++l) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < f.da; ++j) acc += f.Q[j] * f.A[l * f.sa + j];
+        bias[l] += f.scale * acc;
+      }
+  return bias;
+}
 
 // Row u of `base` (row stride `stride`) into the cache, for reading or writing. An asm
 // statement: GCC 12 dropped __builtin_prefetch and _mm_prefetch from this file's loops.
@@ -234,8 +251,9 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
   const auto fs = fields_of(attn, repr, index, query, scale, mask, true);
   const int64_t B = mask.size(0), L = mask.size(1), M = query[0].size(1);
   const int64_t K = std::min(k, L), D = pooled_width(fs);
-  int64_t qw = 0;  // width of one target's scaled queries, all fields
-  for (const auto& f : fs) qw += f.da;
+  int64_t qw = 0;  // width of one target's scaled queries, all per-target fields
+  for (const auto& f : fs) qw += f.shared ? 0 : f.da;
+  const std::vector<float> bias = shared_bias(fs, L);
   const auto fopt = query[0].options();
   auto top = torch::zeros({B, M, D}, fopt);
   auto idx = torch::empty({B, M, K}, mask.options().dtype(torch::kLong));
@@ -260,7 +278,9 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
       const bool* mk = MK + b * L;
       for (int64_t m = 0, o = 0; m < M; ++m)  // scaled queries, fields side by side
         for (const auto& f : fs)
-          for (int64_t j = 0; j < da_of<W>(f); ++j) qs[o++] = f.scale * f.Q[(b * M + m) * da_of<W>(f) + j];
+          if (!f.shared)
+            for (int64_t j = 0; j < da_of<W>(f); ++j)
+              qs[o++] = f.scale * f.Q[(b * M + m) * da_of<W>(f) + j];
       // scores of every behaviour against every target, each row read once
       for (int64_t l = 0; l < L; ++l) {
         for (const auto& f : fs) prefetch_ahead(f, b, l, L, true, full);
@@ -272,10 +292,11 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           Vec acc = vzero();
           const float* q = qs.data() + m * qw;
           for (const auto& f : fs) {
+            if (f.shared) continue;
             acc = fma_acc(acc, q, f.A + row_at(f, b, l, L) * f.sa, da_of<W>(f));
             q += da_of<W>(f);
           }
-          s[m * L + l] = hsum(acc);
+          s[m * L + l] = hsum(acc) + bias[l];
         }
       }
       for (int64_t m = 0; m < M; ++m) {
@@ -363,6 +384,7 @@ std::vector<torch::Tensor> search_attend_backward(
   const float* WA = full ? w_all.data_ptr<float>() : nullptr;
   const float* GT = grad_top.data_ptr<float>();
   const float* GA = full ? grad_all.data_ptr<float>() : nullptr;
+  std::vector<float> shared_gs(parts * L, 0.f);  // sum over users of d(score)[l], per part
   with_width(fs, [&](auto width) {
     constexpr int64_t W = decltype(width)::value;
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
@@ -435,11 +457,14 @@ std::vector<torch::Tensor> search_attend_backward(
             if (wt[j] != 0.f) gs[m * L + id[j]] += wt[j] * (gwt[j] - c);
         }
         // scores: attention rows and queries
+        float* sg = shared_gs.data() + part * L;
         for (int64_t l = 0; l < L; ++l) {
           for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, false, ga[f]);
           if (!mk[l]) continue;
+          for (int64_t m = 0; m < M; ++m) sg[l] += gs[m * L + l];
           for (int64_t f = 0; f < F; ++f) {
             const Field& fd = fs[f];
+            if (fd.shared) continue;
             const int64_t u = row_at(fd, b, l, L);
             const float* a = fd.A + u * fd.sa;
             float* g = ga[f] + u * da_of<W>(fd);
@@ -454,6 +479,19 @@ std::vector<torch::Tensor> search_attend_backward(
     }
   });
   });
+  // shared-query fields: every user's d(score)[l] times the one query, and back
+  for (int64_t p = 1; p < parts; ++p)
+    for (int64_t l = 0; l < L; ++l) shared_gs[l] += shared_gs[p * L + l];
+  for (int64_t f = 0; f < F; ++f) {
+    const Field& fd = fs[f];
+    if (!fd.shared) continue;
+    float* g = PA[f];  // part 0; the other parts stay zero
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t j = 0; j < fd.da; ++j) {
+        g[l * fd.da + j] = fd.scale * shared_gs[l] * fd.Q[j];
+        GQ[f][j] += fd.scale * shared_gs[l] * fd.A[l * fd.sa + j];
+      }
+  }
   std::vector<torch::Tensor> out;
   for (int64_t f = 0; f < F; ++f) out.push_back(parts == 1 ? part_a[f][0] : part_a[f].sum(0));
   for (int64_t f = 0; f < F; ++f) out.push_back(parts == 1 ? part_r[f][0] : part_r[f].sum(0));
