@@ -271,79 +271,79 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
   const float neg_inf = -std::numeric_limits<float>::infinity();
   with_width(fs, [&](auto width) {
     constexpr int64_t W = decltype(width)::value;
-  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-    std::vector<float> s(M * L), qs(M * qw);
-    std::vector<uint32_t> keys(L);
-    for (int64_t b = b0; b < b1; ++b) {
-      const bool* mk = MK + b * L;
-      for (int64_t m = 0, o = 0; m < M; ++m)  // scaled queries, fields side by side
-        for (const auto& f : fs)
-          if (!f.shared)
-            for (int64_t j = 0; j < da_of<W>(f); ++j)
-              qs[o++] = f.scale * f.Q[(b * M + m) * da_of<W>(f) + j];
-      // scores of every behaviour against every target, each row read once
-      for (int64_t l = 0; l < L; ++l) {
-        for (const auto& f : fs) prefetch_ahead(f, b, l, L, true, full);
-        if (!mk[l]) {
-          for (int64_t m = 0; m < M; ++m) s[m * L + l] = neg_inf;
-          continue;
+    at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+      std::vector<float> s(M * L), qs(M * qw);
+      std::vector<uint32_t> keys(L);
+      for (int64_t b = b0; b < b1; ++b) {
+        const bool* mk = MK + b * L;
+        for (int64_t m = 0, o = 0; m < M; ++m)  // scaled queries, fields side by side
+          for (const auto& f : fs)
+            if (!f.shared)
+              for (int64_t j = 0; j < da_of<W>(f); ++j)
+                qs[o++] = f.scale * f.Q[(b * M + m) * da_of<W>(f) + j];
+        // scores of every behaviour against every target, each row read once
+        for (int64_t l = 0; l < L; ++l) {
+          for (const auto& f : fs) prefetch_ahead(f, b, l, L, true, full);
+          if (!mk[l]) {
+            for (int64_t m = 0; m < M; ++m) s[m * L + l] = neg_inf;
+            continue;
+          }
+          for (int64_t m = 0; m < M; ++m) {
+            Vec acc = vzero();
+            const float* q = qs.data() + m * qw;
+            for (const auto& f : fs) {
+              if (f.shared) continue;
+              acc = fma_acc(acc, q, f.A + row_at(f, b, l, L) * f.sa, da_of<W>(f));
+              q += da_of<W>(f);
+            }
+            s[m * L + l] = hsum(acc) + bias[l];
+          }
         }
         for (int64_t m = 0; m < M; ++m) {
-          Vec acc = vzero();
-          const float* q = qs.data() + m * qw;
-          for (const auto& f : fs) {
-            if (f.shared) continue;
-            acc = fma_acc(acc, q, f.A + row_at(f, b, l, L) * f.sa, da_of<W>(f));
-            q += da_of<W>(f);
+          const float* sm = s.data() + m * L;
+          const int64_t bm = b * M + m;
+          int64_t* id = IDX + bm * K;
+          bool* va = VAL + bm * K;
+          float* wt = WT + bm * K;
+          const int64_t n = select_top(sm, mk, L, K, keys.data(), id);
+          for (const auto& f : fs)  // the selected rows, while the softmax is computed
+            for (int64_t j = 0; j < n; ++j)
+              if (f.index) prefetch(f.R, f.index[b * L + id[j]], f.sr);
+          float mx = neg_inf;
+          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sm[id[j]]);
+          float total = 0.f;
+          for (int64_t j = 0; j < n; ++j) total += (wt[j] = std::exp(sm[id[j]] - mx));
+          for (int64_t j = 0; j < n; ++j) wt[j] /= total, va[j] = true;
+          for (int64_t l = 0, j = n; j < K; ++l)  // padding positions as invalid filler
+            if (!mk[l]) id[j] = l, va[j] = false, wt[j++] = 0.f;
+          float* out = TOP + bm * D;
+          for (const auto& f : fs)
+            for (int64_t j = 0; j < n; ++j)
+              axpy(out + f.off, wt[j], f.R + row_at(f, b, id[j], L) * f.sr, dr_of<W>(f));
+          if (!full) continue;
+          float* wa = WA + bm * L;
+          if (n == 0) {
+            std::fill(wa, wa + L, 0.f);
+            continue;
           }
-          s[m * L + l] = hsum(acc) + bias[l];
+          float sum = 0.f;
+          for (int64_t l = 0; l < L; ++l) sum += (wa[l] = mk[l] ? std::exp(sm[l] - mx) : 0.f);
+          const float inv = 1.f / sum;
+          for (int64_t l = 0; l < L; ++l) wa[l] *= inv;
         }
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const float* sm = s.data() + m * L;
-        const int64_t bm = b * M + m;
-        int64_t* id = IDX + bm * K;
-        bool* va = VAL + bm * K;
-        float* wt = WT + bm * K;
-        const int64_t n = select_top(sm, mk, L, K, keys.data(), id);
-        for (const auto& f : fs)  // the selected rows, while the softmax is computed
-          for (int64_t j = 0; j < n; ++j)
-            if (f.index) prefetch(f.R, f.index[b * L + id[j]], f.sr);
-        float mx = neg_inf;
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sm[id[j]]);
-        float total = 0.f;
-        for (int64_t j = 0; j < n; ++j) total += (wt[j] = std::exp(sm[id[j]] - mx));
-        for (int64_t j = 0; j < n; ++j) wt[j] /= total, va[j] = true;
-        for (int64_t l = 0, j = n; j < K; ++l)  // padding positions as invalid filler
-          if (!mk[l]) id[j] = l, va[j] = false, wt[j++] = 0.f;
-        float* out = TOP + bm * D;
-        for (const auto& f : fs)
-          for (int64_t j = 0; j < n; ++j)
-            axpy(out + f.off, wt[j], f.R + row_at(f, b, id[j], L) * f.sr, dr_of<W>(f));
         if (!full) continue;
-        float* wa = WA + bm * L;
-        if (n == 0) {
-          std::fill(wa, wa + L, 0.f);
-          continue;
-        }
-        float sum = 0.f;
-        for (int64_t l = 0; l < L; ++l) sum += (wa[l] = mk[l] ? std::exp(sm[l] - mx) : 0.f);
-        const float inv = 1.f / sum;
-        for (int64_t l = 0; l < L; ++l) wa[l] *= inv;
-      }
-      if (!full) continue;
-      // the auxiliary head's pooling over the whole history
-      for (int64_t l = 0; l < L; ++l) {
-        for (const auto& f : fs) prefetch_ahead(f, b, l, L, false, true);
-        if (!mk[l]) continue;
-        for (const auto& f : fs) {
-          const float* r = f.R + row_at(f, b, l, L) * f.sr;
-          for (int64_t m = 0; m < M; ++m)
-            axpy(ALL + (b * M + m) * D + f.off, WA[(b * M + m) * L + l], r, dr_of<W>(f));
+        // the auxiliary head's pooling over the whole history
+        for (int64_t l = 0; l < L; ++l) {
+          for (const auto& f : fs) prefetch_ahead(f, b, l, L, false, true);
+          if (!mk[l]) continue;
+          for (const auto& f : fs) {
+            const float* r = f.R + row_at(f, b, l, L) * f.sr;
+            for (int64_t m = 0; m < M; ++m)
+              axpy(ALL + (b * M + m) * D + f.off, WA[(b * M + m) * L + l], r, dr_of<W>(f));
+          }
         }
       }
-    }
-  });
+    });
   });
   return {top, idx, valid, w_top, all, w_all};
 }
@@ -387,97 +387,98 @@ std::vector<torch::Tensor> search_attend_backward(
   std::vector<float> shared_gs(parts * L, 0.f);  // sum over users of d(score)[l], per part
   with_width(fs, [&](auto width) {
     constexpr int64_t W = decltype(width)::value;
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> gs(M * L), gw(M * L), gwt(K);
-    std::vector<float*> ga(F), gr(F);
-    for (int64_t part = p0; part < p1; ++part) {
-      for (int64_t f = 0; f < F; ++f) {
-        ga[f] = PA[f] + part * fs[f].rows * da_of<W>(fs[f]);
-        gr[f] = PR[f] + part * fs[f].rows * dr_of<W>(fs[f]);
-        std::memset(ga[f], 0, sizeof(float) * fs[f].rows * da_of<W>(fs[f]));
-        std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
-      }
-      for (int64_t b = B * part / parts; b < B * (part + 1) / parts; ++b) {
-        const bool* mk = MK + b * L;
-        std::fill(gs.begin(), gs.end(), 0.f);
-        if (full) {  // the whole-history pooling: representation gradients and d(weights)
-          for (int64_t l = 0; l < L; ++l) {
-            for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, true, ga[f], gr[f]);
-            if (!mk[l]) continue;
-            for (int64_t m = 0; m < M; ++m) {
-              const float* go = GA + (b * M + m) * D;
-              const float w = WA[(b * M + m) * L + l];
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> gs(M * L), gw(M * L), gwt(K);
+      std::vector<float*> ga(F), gr(F);
+      for (int64_t part = p0; part < p1; ++part) {
+        for (int64_t f = 0; f < F; ++f) {
+          ga[f] = PA[f] + part * fs[f].rows * da_of<W>(fs[f]);
+          gr[f] = PR[f] + part * fs[f].rows * dr_of<W>(fs[f]);
+          std::memset(ga[f], 0, sizeof(float) * fs[f].rows * da_of<W>(fs[f]));
+          std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
+        }
+        for (int64_t b = B * part / parts; b < B * (part + 1) / parts; ++b) {
+          const bool* mk = MK + b * L;
+          std::fill(gs.begin(), gs.end(), 0.f);
+          if (full) {  // the whole-history pooling: representation gradients and d(weights)
+            for (int64_t l = 0; l < L; ++l) {
+              for (int64_t f = 0; f < F; ++f)
+                prefetch_ahead(fs[f], b, l, L, true, true, ga[f], gr[f]);
+              if (!mk[l]) continue;
+              for (int64_t m = 0; m < M; ++m) {
+                const float* go = GA + (b * M + m) * D;
+                const float w = WA[(b * M + m) * L + l];
+                Vec acc = vzero();
+                for (int64_t f = 0; f < F; ++f) {
+                  const Field& fd = fs[f];
+                  const int64_t u = row_at(fd, b, l, L);
+                  acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
+                  axpy(gr[f] + u * dr_of<W>(fd), w, go + fd.off, dr_of<W>(fd));
+                }
+                gw[m * L + l] = hsum(acc);
+              }
+            }
+            for (int64_t m = 0; m < M; ++m) {  // softmax backward
+              const float* wa = WA + (b * M + m) * L;
+              float c = 0.f;
+              for (int64_t l = 0; l < L; ++l)
+                if (mk[l]) c += wa[l] * gw[m * L + l];
+              for (int64_t l = 0; l < L; ++l)
+                if (mk[l]) gs[m * L + l] = wa[l] * (gw[m * L + l] - c);
+            }
+          }
+          for (int64_t m = 0; m < M; ++m) {  // the top-K pooling
+            const int64_t bm = b * M + m;
+            const int64_t* id = IDX + bm * K;
+            const float* wt = WT + bm * K;
+            const float* go = GT + bm * D;
+            for (int64_t f = 0; f < F; ++f) {  // the selected rows and their gradient rows
+              if (!fs[f].index) continue;
+              for (int64_t j = 0; j < K; ++j) {
+                const int64_t u = fs[f].index[b * L + id[j]];
+                prefetch(fs[f].R, u, fs[f].sr);
+                prefetch(gr[f], u, dr_of<W>(fs[f]), true);
+              }
+            }
+            float c = 0.f;
+            for (int64_t j = 0; j < K; ++j) {
+              gwt[j] = 0.f;
+              if (wt[j] == 0.f) continue;  // invalid slots, and underflowed weights
               Vec acc = vzero();
               for (int64_t f = 0; f < F; ++f) {
                 const Field& fd = fs[f];
-                const int64_t u = row_at(fd, b, l, L);
+                const int64_t u = row_at(fd, b, id[j], L);
                 acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
-                axpy(gr[f] + u * dr_of<W>(fd), w, go + fd.off, dr_of<W>(fd));
+                axpy(gr[f] + u * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
               }
-              gw[m * L + l] = hsum(acc);
+              gwt[j] = hsum(acc);
+              c += wt[j] * gwt[j];
             }
+            for (int64_t j = 0; j < K; ++j)
+              if (wt[j] != 0.f) gs[m * L + id[j]] += wt[j] * (gwt[j] - c);
           }
-          for (int64_t m = 0; m < M; ++m) {  // softmax backward
-            const float* wa = WA + (b * M + m) * L;
-            float c = 0.f;
-            for (int64_t l = 0; l < L; ++l)
-              if (mk[l]) c += wa[l] * gw[m * L + l];
-            for (int64_t l = 0; l < L; ++l)
-              if (mk[l]) gs[m * L + l] = wa[l] * (gw[m * L + l] - c);
-          }
-        }
-        for (int64_t m = 0; m < M; ++m) {  // the top-K pooling
-          const int64_t bm = b * M + m;
-          const int64_t* id = IDX + bm * K;
-          const float* wt = WT + bm * K;
-          const float* go = GT + bm * D;
-          for (int64_t f = 0; f < F; ++f) {  // the selected rows and their gradient rows
-            if (!fs[f].index) continue;
-            for (int64_t j = 0; j < K; ++j) {
-              const int64_t u = fs[f].index[b * L + id[j]];
-              prefetch(fs[f].R, u, fs[f].sr);
-              prefetch(gr[f], u, dr_of<W>(fs[f]), true);
-            }
-          }
-          float c = 0.f;
-          for (int64_t j = 0; j < K; ++j) {
-            gwt[j] = 0.f;
-            if (wt[j] == 0.f) continue;  // invalid slots, and underflowed weights
-            Vec acc = vzero();
+          // scores: attention rows and queries
+          float* sg = shared_gs.data() + part * L;
+          for (int64_t l = 0; l < L; ++l) {
+            for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, false, ga[f]);
+            if (!mk[l]) continue;
+            for (int64_t m = 0; m < M; ++m) sg[l] += gs[m * L + l];
             for (int64_t f = 0; f < F; ++f) {
               const Field& fd = fs[f];
-              const int64_t u = row_at(fd, b, id[j], L);
-              acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
-              axpy(gr[f] + u * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
-            }
-            gwt[j] = hsum(acc);
-            c += wt[j] * gwt[j];
-          }
-          for (int64_t j = 0; j < K; ++j)
-            if (wt[j] != 0.f) gs[m * L + id[j]] += wt[j] * (gwt[j] - c);
-        }
-        // scores: attention rows and queries
-        float* sg = shared_gs.data() + part * L;
-        for (int64_t l = 0; l < L; ++l) {
-          for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, false, ga[f]);
-          if (!mk[l]) continue;
-          for (int64_t m = 0; m < M; ++m) sg[l] += gs[m * L + l];
-          for (int64_t f = 0; f < F; ++f) {
-            const Field& fd = fs[f];
-            if (fd.shared) continue;
-            const int64_t u = row_at(fd, b, l, L);
-            const float* a = fd.A + u * fd.sa;
-            float* g = ga[f] + u * da_of<W>(fd);
-            for (int64_t m = 0; m < M; ++m) {
-              const float c = gs[m * L + l] * fd.scale;
-              axpy(g, c, fd.Q + (b * M + m) * da_of<W>(fd), da_of<W>(fd));
-              axpy(GQ[f] + (b * M + m) * da_of<W>(fd), c, a, da_of<W>(fd));
+              if (fd.shared) continue;
+              const int64_t u = row_at(fd, b, l, L);
+              const float* a = fd.A + u * fd.sa;
+              float* g = ga[f] + u * da_of<W>(fd);
+              for (int64_t m = 0; m < M; ++m) {
+                const float c = gs[m * L + l] * fd.scale;
+                axpy(g, c, fd.Q + (b * M + m) * da_of<W>(fd), da_of<W>(fd));
+                axpy(GQ[f] + (b * M + m) * da_of<W>(fd), c, a, da_of<W>(fd));
+              }
             }
           }
         }
       }
-    }
-  });
+    });
   });
   // shared-query fields: every user's d(score)[l] times the one query, and back
   for (int64_t p = 1; p < parts; ++p)
