@@ -123,3 +123,16 @@ def test_scatter_distinct_rows_equals_index_add():
     grad = torch.randn(1234, 16, generator=g)
     want = torch.zeros(5000, 16).index_add_(0, ids, grad)
     assert torch.equal(row_kernels.scatter_distinct_rows(ids, grad, 5000), want)
+
+
+def test_dedup_ids_reuses_its_table_cleanly_across_calls_and_errors():
+    """The slot table persists between calls (O(ids) per call): a failed call and calls with
+    other vocabularies must not leave stale slots behind."""
+    g = torch.Generator().manual_seed(5)
+    for vocab in (50, 7, 50, 1000):
+        ids = torch.randint(0, vocab, (300,), generator=g)
+        uniq, inverse = row_kernels.dedup_ids(ids, vocab)
+        assert torch.equal(uniq[inverse], ids)
+        assert len(uniq) == len(torch.unique(ids))
+        with pytest.raises(RuntimeError, match="1 ids outside"):
+            row_kernels.dedup_ids(torch.cat([ids, torch.tensor([vocab])]), vocab)
