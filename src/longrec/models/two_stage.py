@@ -106,16 +106,20 @@ class TwoStageModel(SequenceModel):
         """Inference reads the tables at the raw ids when the fused soft search applies (same
         logits as score(encode_user(batch)) to float rounding)."""
         if not torch.is_grad_enabled() and self._fuses_search():
-            ids = {f: batch.history[f].long().contiguous() for f in self.fields}
-            keys = self.towers.table_history("attn_hist", batch, ids)
-            values = self.towers.table_history("repr_hist", batch, ids)
-            if keys is not None and values is not None:
-                query = self.towers.target("attn_tgt", batch)
-                mask = batch.history_mask
-                fused = fused_soft_search(keys, values, query, mask, self.params.top_k, False)
-                if fused is not None:
-                    return self._heads(batch, None, fused[0], None)[0]
+            state = self._table_state(batch)
+            if state is not None:
+                return self._run(state, batch, aux=False)[0]
         return super().forward(batch)
+
+    def _table_state(self, batch: Batch) -> UserState | None:
+        """encode_user's state with the tables themselves as rows and the raw ids as index
+        (Towers.table_history), or None where the towers cannot give it."""
+        ids = {f: batch.history[f].long().contiguous() for f in self.fields}
+        keys = self.towers.table_history("attn_hist", batch, ids)
+        values = self.towers.table_history("repr_hist", batch, ids)
+        if keys is None or values is None:
+            return None
+        return {"keys": keys, "values": values, "mask": batch.history_mask}
 
     def _fuses_search(self) -> bool:
         p = self.params

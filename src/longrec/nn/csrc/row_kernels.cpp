@@ -13,14 +13,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace {
-
-constexpr int64_t kAhead = 4;  // behaviours prefetched ahead (4 beat 8, 16 and 32)
 
 void check(const torch::Tensor& rows, const torch::Tensor& index, const torch::Tensor& x,
            const char* what) {
@@ -182,15 +182,14 @@ torch::Tensor scatter_distinct_rows(const torch::Tensor& ids, const torch::Tenso
   float* O = out.data_ptr<float>();
   const float* G = grad.data_ptr<float>();
   const int64_t* I = ids.data_ptr<int64_t>();
+  check_ids(I, n, vocab, "scatter_distinct_rows");
   at::parallel_for(0, vocab, 16384, [&](int64_t v0, int64_t v1) {
     std::memset(O + v0 * d, 0, sizeof(float) * (v1 - v0) * d);
   });
   at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       if (i + kAhead < i1) __builtin_prefetch(O + I[i + kAhead] * d, 1);
-      const int64_t v = I[i];
-      TORCH_CHECK(v >= 0 && v < vocab, "scatter_distinct_rows: id ", v, " outside [0, ", vocab, ")");
-      std::memcpy(O + v * d, G + i * d, sizeof(float) * d);
+      std::memcpy(O + I[i] * d, G + i * d, sizeof(float) * d);
     }
   });
   return out;
@@ -205,9 +204,7 @@ std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab) {
               "dedup_ids: ids must be a contiguous int64 tensor");
   const int64_t n = ids.numel();
   const int64_t* I = ids.data_ptr<int64_t>();
-  int64_t bad = 0;  // checked first: the slot table below must be left clean
-  for (int64_t p = 0; p < n; ++p) bad += (I[p] < 0) | (I[p] >= vocab);
-  TORCH_CHECK(bad == 0, "dedup_ids: ", bad, " ids outside [0, ", vocab, ")");
+  check_ids(I, n, vocab, "dedup_ids");  // first: the slot table below must be left clean
   // The slot table persists per thread, all -1 between calls: only the slots a call set are
   // reset, so a call costs O(ids), not O(vocabulary) (a 6.2M-item table made every call
   // allocate and fill 25 MB).
@@ -275,20 +272,6 @@ void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& 
     }
   });
 }
-
-// search_attention.cpp
-std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
-                                         const std::vector<torch::Tensor>& repr,
-                                         const std::vector<torch::Tensor>& index,
-                                         const std::vector<torch::Tensor>& query,
-                                         const std::vector<double>& scale,
-                                         const torch::Tensor& mask, int64_t k, bool full);
-std::vector<torch::Tensor> search_attend_backward(
-    const std::vector<torch::Tensor>& attn, const std::vector<torch::Tensor>& repr,
-    const std::vector<torch::Tensor>& index, const std::vector<torch::Tensor>& query,
-    const std::vector<double>& scale, const torch::Tensor& mask, const torch::Tensor& idx,
-    const torch::Tensor& w_top, const torch::Tensor& w_all, const torch::Tensor& grad_top,
-    const torch::Tensor& grad_all);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("search_attend", &search_attend, "soft top-k search and attention, one pass per user");

@@ -15,6 +15,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -27,8 +29,6 @@
 #endif
 
 namespace {
-
-constexpr int64_t kAhead = 4;  // behaviours prefetched ahead, as in row_kernels.cpp
 
 struct Field {
   const float* A;
@@ -111,13 +111,9 @@ std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
       TORCH_CHECK(i.dim() == 2 && i.scalar_type() == torch::kLong && i.is_contiguous() &&
                       i.size(0) == B && i.size(1) == L,
                   "search_attend: field ", f, ": index must be a contiguous int64 [B, L] tensor");
-      if (check_index) {  // rows are read unchecked below: an id past the table would not fail
-        const int64_t* I = i.data_ptr<int64_t>();
-        int64_t bad = 0;
-        for (int64_t p = 0; p < B * L; ++p) bad += (I[p] < 0) | (I[p] >= a.size(0));
-        TORCH_CHECK(bad == 0, "search_attend: field ", f, ": ", bad, " ids outside [0, ",
-                    a.size(0), ")");
-      }
+      if (check_index)
+        check_ids(i.data_ptr<int64_t>(), B * L, a.size(0),
+                  "search_attend: field " + std::to_string(f));
     }
     const bool shared = identity && q.dim() == 3 && q.size(0) == 1 && q.size(1) == 1 &&
                         query[0].size(0) == B;
@@ -385,6 +381,8 @@ std::vector<torch::Tensor> search_attend_backward(
   const float* GT = grad_top.data_ptr<float>();
   const float* GA = full ? grad_all.data_ptr<float>() : nullptr;
   std::vector<float> shared_gs(parts * L, 0.f);  // sum over users of d(score)[l], per part
+  const bool any_shared =
+      std::any_of(fs.begin(), fs.end(), [](const Field& f) { return f.shared; });
   with_width(fs, [&](auto width) {
     constexpr int64_t W = decltype(width)::value;
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
@@ -462,6 +460,7 @@ std::vector<torch::Tensor> search_attend_backward(
           for (int64_t l = 0; l < L; ++l) {
             for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, false, ga[f]);
             if (!mk[l]) continue;
+            if (any_shared)
             for (int64_t m = 0; m < M; ++m) sg[l] += gs[m * L + l];
             for (int64_t f = 0; f < F; ++f) {
               const Field& fd = fs[f];
