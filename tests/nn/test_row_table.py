@@ -27,3 +27,17 @@ def test_sparse_tables_keep_sparse_gradients():
     table = RowTable(10, 4, sparse=True)
     table(torch.tensor([1, 2, 2])).sum().backward()
     assert table.weight.grad.is_sparse
+
+
+def test_sparse_distinct_lookup_gives_nn_embeddings_gradient_without_the_padding_row():
+    torch.manual_seed(0)
+    ours = RowTable(40, 6, padding_idx=0, sparse=True)
+    ref = nn.Embedding(40, 6, padding_idx=0, sparse=True)
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.tensor([[17, 0, 3], [39, 5, 2]])  # distinct, unsorted, padding included
+    w = torch.randn(2, 3, 6)
+    (ours(ids, distinct=True) * w).sum().backward()
+    (ref(ids) * w).sum().backward()
+    assert ours.weight.grad.is_sparse
+    torch.testing.assert_close(ours.weight.grad.to_dense(), ref.weight.grad.to_dense())
+    assert ours.weight.grad.to_dense()[0].abs().sum() == 0

@@ -62,3 +62,30 @@ def test_cpp_and_pytorch_paths_agree(monkeypatch):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="invalid RowwiseAdam"):
         RowwiseAdam([nn.Parameter(torch.zeros(2, 2))], lr=-1.0)
+
+
+def test_cpp_path_orders_rows_across_bitmap_words_and_tables_of_any_size(monkeypatch):
+    """Rows far apart (many 64-row bitmap words), repeats, then a smaller and a larger table:
+    the kernel's persistent bitmap must be left clear by every call."""
+    assert row_kernels.available()
+    for rows in (5000, 70, 9000):
+        steps = [torch.randint(0, rows, (300,)) for _ in range(3)]
+        fused, _ = _run(steps, rows=rows)
+        monkeypatch.setattr(rowwise_adam, "_fused", lambda *a: False)
+        plain, _ = _run(steps, rows=rows)
+        monkeypatch.undo()
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_cpp_path_refuses_out_of_range_rows_and_stays_usable():
+    table = nn.Parameter(torch.zeros(10, 4))
+    state = [torch.zeros(10, 4), torch.zeros(10, 4)]
+    with pytest.raises(RuntimeError, match="outside"):
+        row_kernels.rowwise_adam_(
+            table, *state, torch.tensor([3, 10]), torch.ones(2, 4), 0.1, 0.9, 0.9, 1e-8, 0.1, 0.1
+        )
+    with torch.no_grad():
+        row_kernels.rowwise_adam_(
+            table, *state, torch.tensor([3, 3]), torch.ones(2, 4), 0.1, 0.9, 0.9, 1e-8, 0.1, 0.1
+        )
+    assert torch.count_nonzero(table.detach().sum(1)).item() == 1  # only row 3 moved

@@ -120,20 +120,47 @@ class _LookupRows(torch.autograd.Function):
         return out, None, None, None
 
 
+class _LookupDistinctRowsSparse(torch.autograd.Function):
+    """weight[ids] for distinct ids, with a sparse gradient built straight from the incoming
+    one: the ids are already distinct, so the gradient needs no sort, coalesce or padding
+    filter (nn.Embedding's sparse backward drops the padding entries with a nonzero and two
+    index copies, ~4 ms a table for 290K ids). The padding row's entry is zeroed instead."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.padding_idx = weight.shape, padding_idx
+        return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (ids,) = ctx.saved_tensors
+        flat_ids = ids.reshape(1, -1)
+        values = grad.reshape(-1, ctx.shape[1]).contiguous()
+        if ctx.padding_idx is not None:
+            values = values.masked_fill((flat_ids[0] == ctx.padding_idx).unsqueeze(1), 0.0)
+        sparse = torch.sparse_coo_tensor(flat_ids, values, ctx.shape, check_invariants=False)
+        return sparse, None, None
+
+
 class RowTable(nn.Embedding):
-    """nn.Embedding with a faster dense backward (`_LookupRows`); sparse tables, max_norm and
-    scale_grad_by_freq keep PyTorch's own lookup. Same parameters and state_dict keys."""
+    """nn.Embedding with faster backward passes (`_LookupRows`, and `_LookupDistinctRowsSparse`
+    for sparse tables looked up at distinct ids); max_norm and scale_grad_by_freq keep
+    PyTorch's own lookup. Same parameters and state_dict keys."""
 
     def forward(self, ids: Tensor, distinct: bool = False) -> Tensor:
         """`distinct`: the caller guarantees no id repeats (a de-duplicated batch), which lets
         the backward write rows in parallel instead of accumulating them."""
         if (
-            self.sparse
-            or self.max_norm is not None
+            self.max_norm is not None
             or self.scale_grad_by_freq
             or not (torch.is_grad_enabled() and self.weight.requires_grad)
         ):
             return super().forward(ids)
+        if self.sparse:
+            if not distinct:
+                return super().forward(ids)
+            return _LookupDistinctRowsSparse.apply(self.weight, ids, self.padding_idx)
         return _LookupRows.apply(self.weight, ids, self.padding_idx, distinct)
 
 

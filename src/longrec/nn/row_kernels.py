@@ -110,7 +110,7 @@ def rowwise_adam_(
     param: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    rows: Tensor,
+    ids: Tensor,
     grad: Tensor,
     lr: float,
     beta1: float,
@@ -119,12 +119,13 @@ def rowwise_adam_(
     bias1: float,
     bias2: float,
 ) -> None:
-    """Adam on the distinct `rows` of a table ([U] ids, grad [U, d]), in place, one pass."""
+    """Lazy Adam on the rows of a sparse gradient (ids [N], grad [N, d]; ids may repeat, in any
+    order: repeats are summed), in place, one pass over the distinct rows."""
     _extension().rowwise_adam_(
         param,
         exp_avg,
         exp_avg_sq,
-        rows.contiguous(),
+        ids.contiguous().long(),
         grad.contiguous(),
         lr,
         beta1,

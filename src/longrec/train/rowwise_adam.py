@@ -5,8 +5,9 @@ and Adam reads and writes every row. At DARE's Taobao configuration with a 6.2M-
 vocabulary that made a step 3.5x slower than with 200K items (BENCHMARKS.md). PyTorch's
 SparseAdam has the right semantics but its CPU implementation is slower still (sparse
 additions into dense moments, zero-fills and a coalesce per table). Here a step costs
-O(rows touched): the sparse gradient's ids are de-duplicated in one pass (nn.row_kernels), the
-duplicates summed, and the moments and weights of those rows gathered, updated and written back.
+O(rows touched): one C++ call (nn.row_kernels.rowwise_adam_) sums repeated ids, orders the rows
+by address with a bitmap (a 6.2M-row table's rows are not in cache; ascending addresses halve
+the TLB misses) and gathers, updates and writes back the weights and moments of those rows.
 
 Semantics are SparseAdam's: the moments of untouched rows do not decay and their weights do not
 move; bias correction uses the optimiser's step count. When every row is touched every step it
@@ -37,9 +38,9 @@ def _distinct_rows(grad: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     return uniq, summed
 
 
-def _fused(p: Tensor, g: Tensor, state: dict) -> bool:
-    tensors = (p, g, state["exp_avg"], state["exp_avg_sq"])
-    return row_kernels.applicable(*tensors) and all(t.is_contiguous() for t in tensors)
+def _fused(p: Tensor, grad: Tensor, state: dict) -> bool:
+    tensors = (p, state["exp_avg"], state["exp_avg_sq"])
+    return row_kernels.applicable(*tensors, grad) and all(t.is_contiguous() for t in tensors)
 
 
 class RowwiseAdam(torch.optim.Optimizer):
@@ -65,16 +66,17 @@ class RowwiseAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = float(state["step"])
-                rows, g = _distinct_rows(p.grad, p.shape[0])
-                if _fused(p, g, state):
-                    rows, order = rows.sort()  # ascending addresses: far fewer TLB misses
-                    g = g.index_select(0, order)
+                if _fused(p, p.grad, state):
+                    if p.grad.is_sparse:
+                        ids, values = p.grad._indices()[0], p.grad._values()
+                    else:
+                        ids, values = torch.arange(p.shape[0]), p.grad
                     row_kernels.rowwise_adam_(
                         p,
                         state["exp_avg"],
                         state["exp_avg_sq"],
-                        rows,
-                        g,
+                        ids,
+                        values,
                         group["lr"],
                         b1,
                         b2,
@@ -83,6 +85,7 @@ class RowwiseAdam(torch.optim.Optimizer):
                         1 - b2**t,
                     )
                     continue
+                rows, g = _distinct_rows(p.grad, p.shape[0])
                 m = state["exp_avg"].index_select(0, rows).mul_(b1).add_(g, alpha=1 - b1)
                 v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
                 state["exp_avg"].index_copy_(0, rows, m)

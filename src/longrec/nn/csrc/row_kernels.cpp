@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -229,25 +230,86 @@ std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab) {
   return {distinct, inverse};
 }
 
-// Lazy Adam on the given distinct rows of a table, in place, one pass: for each row, its
-// weights and both moments are read, updated and written once (train/rowwise_adam.py).
+// The order in which rowwise_adam_ visits a sparse gradient's entries: one entry per distinct
+// row, in increasing row order (ascending addresses: far fewer TLB misses on a 400 MB table,
+// 2x measured with 4 KiB pages), with later duplicates' gradients summed into a copy of the
+// first's. A bitmap over the rows gives the order in O(entries + rows / 64) (torch.sort took
+// 5-10 ms for 290K ids); the thread-local bitmap and slot table persist between calls, and the
+// bitmap is left clear, so a call costs no O(rows) fill.
+struct RowOrder {
+  std::vector<int64_t> rows;   // distinct rows, ascending
+  std::vector<int64_t> entry;  // the entry of `grad` holding each row's (summed) gradient
+  torch::Tensor grad;          // the gradient entries, duplicates summed into the first
+};
+
+RowOrder order_rows(const int64_t* ids, int64_t n, int64_t vocab, const torch::Tensor& grad) {
+  static thread_local std::vector<uint64_t> bits;
+  static thread_local std::vector<int32_t> slot;
+  const int64_t words = (vocab + 63) / 64;
+  if (static_cast<int64_t>(bits.size()) < words) bits.assign(words, 0);
+  if (static_cast<int64_t>(slot.size()) < vocab) slot.resize(vocab);
+  RowOrder out{{}, {}, grad};
+  std::vector<std::pair<int64_t, int64_t>> repeats;  // (entry, first entry of its row)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = ids[i];
+    uint64_t& word = bits[r >> 6];
+    const uint64_t bit = uint64_t{1} << (r & 63);
+    if (word & bit) {
+      repeats.emplace_back(i, slot[r]);
+    } else {
+      word |= bit;
+      slot[r] = static_cast<int32_t>(i);
+    }
+  }
+  if (!repeats.empty()) {  // summed in entry order: deterministic
+    out.grad = grad.clone();
+    const int64_t d = grad.size(1);
+    float* G = out.grad.data_ptr<float>();
+    for (const auto& [i, first] : repeats)
+      for (int64_t j = 0; j < d; ++j) G[first * d + j] += G[i * d + j];
+  }
+  const int64_t distinct = n - static_cast<int64_t>(repeats.size());
+  out.rows.reserve(distinct);
+  out.entry.reserve(distinct);
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t word = bits[w];
+    if (!word) continue;
+    bits[w] = 0;
+    while (word) {
+      const int64_t r = w * 64 + __builtin_ctzll(word);
+      word &= word - 1;
+      out.rows.push_back(r);
+      out.entry.push_back(slot[r]);
+    }
+  }
+  return out;
+}
+
+// Lazy Adam on the rows of a sparse gradient (ids [N], grad [N, d]; ids may repeat and come in
+// any order), in place, one pass over the distinct rows in address order: each row's weights
+// and both moments are read, updated and written once (train/rowwise_adam.py).
 void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
-                   const torch::Tensor& rows, const torch::Tensor& grad, double lr, double beta1,
+                   const torch::Tensor& ids, const torch::Tensor& grad, double lr, double beta1,
                    double beta2, double eps, double bias1, double bias2) {
   for (const auto* t : {&param, &exp_avg, &exp_avg_sq})
-    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && t->is_contiguous(),
-                "rowwise_adam_: tables and moments must be contiguous float32 [V, d]");
-  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.is_contiguous() && rows.dim() == 1,
-              "rowwise_adam_: rows must be a contiguous int64 [U] tensor");
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && t->is_contiguous() &&
+                    t->sizes() == param.sizes(),
+                "rowwise_adam_: tables and moments must be contiguous float32 [V, d] alike");
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.is_contiguous() && ids.dim() == 1,
+              "rowwise_adam_: ids must be a contiguous int64 [N] tensor");
   TORCH_CHECK(grad.dim() == 2 && grad.scalar_type() == torch::kFloat && grad.is_contiguous() &&
-                  grad.size(0) == rows.size(0) && grad.size(1) == param.size(1),
-              "rowwise_adam_: grad must be a contiguous float32 [U, d] tensor");
-  const int64_t U = rows.size(0), d = param.size(1), V = param.size(0);
+                  grad.size(0) == ids.size(0) && grad.size(1) == param.size(1),
+              "rowwise_adam_: grad must be a contiguous float32 [N, d] tensor");
+  const int64_t N = ids.size(0), d = param.size(1), V = param.size(0);
+  check_ids(ids.data_ptr<int64_t>(), N, V, "rowwise_adam_");
+  const RowOrder order = order_rows(ids.data_ptr<int64_t>(), N, V, grad);
+  const int64_t U = static_cast<int64_t>(order.rows.size());
   float* P = param.data_ptr<float>();
   float* M = exp_avg.data_ptr<float>();
   float* S = exp_avg_sq.data_ptr<float>();
-  const int64_t* R = rows.data_ptr<int64_t>();
-  const float* G = grad.data_ptr<float>();
+  const int64_t* R = order.rows.data();
+  const int64_t* E = order.entry.data();
+  const float* G = order.grad.data_ptr<float>();
   const float b1 = beta1, b2 = beta2, step = lr / bias1, inv_bias2 = 1.0 / bias2, e = eps;
   at::parallel_for(0, U, 1024, [&](int64_t u0, int64_t u1) {
     for (int64_t i = u0; i < u1; ++i) {
@@ -256,13 +318,13 @@ void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& 
         __builtin_prefetch(P + ahead, 1);
         __builtin_prefetch(M + ahead, 1);
         __builtin_prefetch(S + ahead, 1);
+        __builtin_prefetch(G + E[i + kAhead] * d);
       }
       const int64_t r = R[i];
-      TORCH_CHECK(r >= 0 && r < V, "rowwise_adam_: row ", r, " outside [0, ", V, ")");
       float* p = P + r * d;
       float* m = M + r * d;
       float* s = S + r * d;
-      const float* g = G + i * d;
+      const float* g = G + E[i] * d;
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
         m[j] = b1 * m[j] + (1.f - b1) * g[j];
@@ -276,7 +338,7 @@ void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("search_attend", &search_attend, "soft top-k search and attention, one pass per user");
   m.def("search_attend_backward", &search_attend_backward, "its gradients");
-  m.def("rowwise_adam_", &rowwise_adam_, "lazy Adam on distinct rows, in place");
+  m.def("rowwise_adam_", &rowwise_adam_, "lazy Adam on a sparse gradient's rows, in place");
   m.def("scatter_distinct_rows", &scatter_distinct_rows, "dense gradient of distinct rows");
   m.def("dedup_ids", &dedup_ids, "distinct ids in order of first appearance, and the inverse");
   m.def("gather_backward", &gather_backward, "rows' and per-target gradients in one pass");
