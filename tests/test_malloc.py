@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import longrec.malloc
 
@@ -29,3 +32,22 @@ def test_opt_out_by_environment():
         [sys.executable, "-c", CHECK], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "False"
+
+
+def test_large_tensors_get_huge_pages_unless_opted_out():
+    """Measured on the process's own mappings; only where the kernel offers THP on request."""
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (_glibc() and mode.exists() and "[never]" not in mode.read_text()):
+        pytest.skip("no transparent huge pages on this machine")
+    probe = (
+        "import longrec, torch, os; t = torch.ones(50_000_000); "
+        "print(sum(int(l.split()[1]) for l in open(f'/proc/{os.getpid()}/smaps') "
+        "if l.startswith('AnonHugePages')))"
+    )
+    for tuning, huge in (("1", True), ("0", False)):
+        env = {**os.environ, "LONGREC_MALLOC_TUNING": tuning}
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
+        )
+        assert (int(out.stdout) > 100_000) is huge, (tuning, out.stdout)
