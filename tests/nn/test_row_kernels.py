@@ -117,6 +117,18 @@ def test_dedup_ids_inverts_and_keeps_first_appearance_order():
         row_kernels.dedup_ids(torch.tensor([10]), vocab=10)
 
 
+def test_dedup_ids_can_lead_with_an_id_present_or_not():
+    ids = torch.tensor([[5, 3, 5, 0], [3, 9, 9, 5]])
+    uniq, inverse = row_kernels.dedup_ids(ids, vocab=10, first=0)
+    assert uniq.tolist() == [0, 5, 3, 9]
+    assert torch.equal(uniq[inverse], ids)
+    uniq, inverse = row_kernels.dedup_ids(ids, vocab=10, first=7)  # absent: still first
+    assert uniq.tolist() == [7, 5, 3, 0, 9]
+    assert torch.equal(uniq[inverse], ids)
+    uniq, _ = row_kernels.dedup_ids(ids, vocab=10)  # and the slot of 7 was cleared
+    assert uniq.tolist() == [5, 3, 0, 9]
+
+
 def test_scatter_distinct_rows_equals_index_add():
     g = torch.Generator().manual_seed(3)
     ids = torch.randperm(5000, generator=g)[:1234]

@@ -3,6 +3,7 @@ gradients as nn.Embedding, padding row included; sparse tables keep PyTorch's lo
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -29,13 +30,15 @@ def test_sparse_tables_keep_sparse_gradients():
     assert table.weight.grad.is_sparse
 
 
-def test_sparse_distinct_lookup_gives_nn_embeddings_gradient_without_the_padding_row():
+@pytest.mark.parametrize("ids", [[[0, 17, 3], [39, 5, 2]], [[17, 0, 3], [39, 5, 2]], [[1, 2]]])
+def test_sparse_distinct_lookup_gives_nn_embeddings_gradient_without_the_padding_row(ids):
+    """Padding leading the ids (sliced off), elsewhere (zeroed) and absent."""
     torch.manual_seed(0)
     ours = RowTable(40, 6, padding_idx=0, sparse=True)
     ref = nn.Embedding(40, 6, padding_idx=0, sparse=True)
     ref.load_state_dict(ours.state_dict())
-    ids = torch.tensor([[17, 0, 3], [39, 5, 2]])  # distinct, unsorted, padding included
-    w = torch.randn(2, 3, 6)
+    ids = torch.tensor(ids)
+    w = torch.randn(*ids.shape, 6)
     (ours(ids, distinct=True) * w).sum().backward()
     (ref(ids) * w).sum().backward()
     assert ours.weight.grad.is_sparse

@@ -124,7 +124,8 @@ class _LookupDistinctRowsSparse(torch.autograd.Function):
     """weight[ids] for distinct ids, with a sparse gradient built straight from the incoming
     one: the ids are already distinct, so the gradient needs no sort, coalesce or padding
     filter (nn.Embedding's sparse backward drops the padding entries with a nonzero and two
-    index copies, ~4 ms a table for 290K ids). The padding row's entry is zeroed instead."""
+    index copies, ~4 ms a table for 290K ids). The padding entry is sliced off when it leads
+    the ids (models.towers.dedup puts it there), else zeroed."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -> Tensor:
@@ -137,8 +138,13 @@ class _LookupDistinctRowsSparse(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         flat_ids = ids.reshape(1, -1)
         values = grad.reshape(-1, ctx.shape[1]).contiguous()
-        if ctx.padding_idx is not None:
-            values = values.masked_fill((flat_ids[0] == ctx.padding_idx).unsqueeze(1), 0.0)
+        pad = ctx.padding_idx
+        if pad is not None and flat_ids.shape[1] and flat_ids[0, 0].item() == pad:
+            flat_ids, values = flat_ids[:, 1:], values[1:]
+        elif pad is not None:
+            at = (flat_ids[0] == pad).nonzero().squeeze(1)
+            if len(at):
+                values = values.index_fill(0, at, 0.0)
         sparse = torch.sparse_coo_tensor(flat_ids, values, ctx.shape, check_invariants=False)
         return sparse, None, None
 

@@ -41,7 +41,9 @@ def _extension() -> ModuleType | None:
         return cpp_extension.load(
             name="longrec_row_kernels",
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            # -fno-math-errno: with errno to set, GCC calls sqrtf once per element instead of
+            # vectorising (rowwise_adam_ was compute-bound: 37 -> 24 ms for 290K rows)
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -95,9 +97,12 @@ def gather_pool(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     return _Gather.apply(rows, index.contiguous(), weight.contiguous(), True)
 
 
-def dedup_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """(distinct ids in order of first appearance [U], inverse with the shape of ids)."""
-    uniq, inverse = _extension().dedup_ids(ids.contiguous().long(), vocab)
+def dedup_ids(ids: Tensor, vocab: int, first: int | None = None) -> tuple[Tensor, Tensor]:
+    """(distinct ids in order of first appearance [U], inverse with the shape of ids); with
+    `first`, that id leads the distinct ids whether or not it occurs."""
+    uniq, inverse = _extension().dedup_ids(
+        ids.contiguous().long(), vocab, -1 if first is None else first
+    )
     return uniq, inverse
 
 
