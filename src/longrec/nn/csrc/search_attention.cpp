@@ -364,15 +364,30 @@ std::vector<torch::Tensor> search_attend_backward(
                              w_all.numel() == B * M * L)),
               "search_attend_backward: gradients must be contiguous [B, M, D]");
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
-  std::vector<torch::Tensor> part_a, part_r, grad_q;
-  std::vector<float*> PA(F), PR(F), GQ(F);
-  for (int64_t f = 0; f < F; ++f) {
-    part_a.push_back(torch::empty({parts, fs[f].rows, fs[f].da}, query[f].options()));
-    part_r.push_back(torch::empty({parts, fs[f].rows, fs[f].dr}, query[f].options()));
+  // Part 0 adds straight into the returned gradients; parts 1.. into a scratch buffer that
+  // persists per calling thread and is folded in afterwards. With a 6.2M-item vocabulary the
+  // per-part copies are ~37 MB a table, above glibc's mmap threshold: allocated per call, they
+  // were mapped and faulted in afresh every step.
+  std::vector<torch::Tensor> grad_a, grad_r, grad_q;
+  std::vector<std::vector<float*>> PA(parts, std::vector<float*>(F)), PR = PA;
+  std::vector<float*> GQ(F);
+  int64_t per_part = 0;  // floats of one part's copies of every field's gradients
+  for (int64_t f = 0; f < F; ++f) per_part += fs[f].rows * (fs[f].da + fs[f].dr);
+  static thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < (parts - 1) * per_part)
+    scratch.resize((parts - 1) * per_part);
+  for (int64_t f = 0, offset = 0; f < F; ++f) {
+    grad_a.push_back(torch::empty({fs[f].rows, fs[f].da}, query[f].options()));
+    grad_r.push_back(torch::empty({fs[f].rows, fs[f].dr}, query[f].options()));
     grad_q.push_back(torch::zeros_like(query[f]));
-    PA[f] = part_a[f].data_ptr<float>();
-    PR[f] = part_r[f].data_ptr<float>();
+    PA[0][f] = grad_a[f].data_ptr<float>();
+    PR[0][f] = grad_r[f].data_ptr<float>();
     GQ[f] = grad_q[f].data_ptr<float>();
+    for (int64_t part = 1; part < parts; ++part) {
+      PA[part][f] = scratch.data() + (part - 1) * per_part + offset;
+      PR[part][f] = PA[part][f] + fs[f].rows * fs[f].da;
+    }
+    offset += fs[f].rows * (fs[f].da + fs[f].dr);
   }
   const bool* MK = mask.data_ptr<bool>();
   const int64_t* IDX = idx.data_ptr<int64_t>();
@@ -390,8 +405,8 @@ std::vector<torch::Tensor> search_attend_backward(
       std::vector<float*> ga(F), gr(F);
       for (int64_t part = p0; part < p1; ++part) {
         for (int64_t f = 0; f < F; ++f) {
-          ga[f] = PA[f] + part * fs[f].rows * da_of<W>(fs[f]);
-          gr[f] = PR[f] + part * fs[f].rows * dr_of<W>(fs[f]);
+          ga[f] = PA[part][f];
+          gr[f] = PR[part][f];
           std::memset(ga[f], 0, sizeof(float) * fs[f].rows * da_of<W>(fs[f]));
           std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
         }
@@ -485,7 +500,7 @@ std::vector<torch::Tensor> search_attend_backward(
   for (int64_t f = 0; f < F; ++f) {
     const Field& fd = fs[f];
     if (!fd.shared) continue;
-    float* g = PA[f];  // part 0; the other parts stay zero
+    float* g = PA[0][f];  // the other parts stay zero
     for (int64_t l = 0; l < L; ++l)
       for (int64_t j = 0; j < fd.da; ++j) {
         g[l * fd.da + j] = fd.scale * shared_gs[l] * fd.Q[j];
@@ -493,8 +508,20 @@ std::vector<torch::Tensor> search_attend_backward(
       }
   }
   std::vector<torch::Tensor> out;
-  for (int64_t f = 0; f < F; ++f) out.push_back(parts == 1 ? part_a[f][0] : part_a[f].sum(0));
-  for (int64_t f = 0; f < F; ++f) out.push_back(parts == 1 ? part_r[f][0] : part_r[f].sum(0));
+  for (int64_t f = 0; f < F; ++f)  // fold parts 1.. into part 0, in part order: deterministic
+    for (auto* P : {&PA, &PR}) {
+      const int64_t n = fs[f].rows * (P == &PA ? fs[f].da : fs[f].dr);
+      at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+        float* dst = (*P)[0][f];
+        for (int64_t part = 1; part < parts; ++part) {
+          const float* src = (*P)[part][f];
+#pragma omp simd
+          for (int64_t i = i0; i < i1; ++i) dst[i] += src[i];
+        }
+      });
+    }
+  for (int64_t f = 0; f < F; ++f) out.push_back(grad_a[f]);
+  for (int64_t f = 0; f < F; ++f) out.push_back(grad_r[f]);
   for (int64_t f = 0; f < F; ++f) out.push_back(grad_q[f]);
   return out;
 }
