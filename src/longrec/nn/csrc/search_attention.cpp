@@ -373,9 +373,14 @@ std::vector<torch::Tensor> search_attend_backward(
   std::vector<float*> GQ(F);
   int64_t per_part = 0;  // floats of one part's copies of every field's gradients
   for (int64_t f = 0; f < F; ++f) per_part += fs[f].rows * (fs[f].da + fs[f].dr);
-  static thread_local std::vector<float> scratch;
-  if (static_cast<int64_t>(scratch.size()) < (parts - 1) * per_part)
-    scratch.resize((parts - 1) * per_part);
+  // A tensor, not a std::vector: PyTorch's allocator gives it huge pages (longrec/malloc.py);
+  // with 4 KiB pages the random row updates miss the TLB (the backward took 1.5x longer).
+  // Never freed: destroying a tensor at thread exit could run after PyTorch's teardown.
+  static thread_local auto* scratch_buffer = new torch::Tensor();
+  if (!scratch_buffer->defined() || scratch_buffer->numel() < (parts - 1) * per_part)
+    *scratch_buffer = torch::empty({std::max<int64_t>(1, (parts - 1) * per_part)},
+                                   query[0].options());
+  float* scratch = scratch_buffer->data_ptr<float>();
   for (int64_t f = 0, offset = 0; f < F; ++f) {
     grad_a.push_back(torch::empty({fs[f].rows, fs[f].da}, query[f].options()));
     grad_r.push_back(torch::empty({fs[f].rows, fs[f].dr}, query[f].options()));
@@ -384,7 +389,7 @@ std::vector<torch::Tensor> search_attend_backward(
     PR[0][f] = grad_r[f].data_ptr<float>();
     GQ[f] = grad_q[f].data_ptr<float>();
     for (int64_t part = 1; part < parts; ++part) {
-      PA[part][f] = scratch.data() + (part - 1) * per_part + offset;
+      PA[part][f] = scratch + (part - 1) * per_part + offset;
       PR[part][f] = PA[part][f] + fs[f].rows * fs[f].da;
     }
     offset += fs[f].rows * (fs[f].da + fs[f].dr);
