@@ -11,7 +11,7 @@ mapped and reused: measured here, STCA at history 200 x batch 2048 trains 1.7x f
 Large tensors also get transparent huge pages: PyTorch's `THP_MEM_ALLOC_ENABLE=1` aligns
 allocations of 2 MiB and more and advises the kernel to back them with 2 MiB pages. Embedding
 tables are read and updated at random rows, so with 4 KiB pages nearly every row costs a TLB
-miss: with a 6.2M-item vocabulary, DARE trains 4-15% and infers 15-45% faster with huge pages
+miss: with a 6.2M-item vocabulary, DARE trained 4-15% and inferred 14-65% faster with huge pages
 (BENCHMARKS.md). PyTorch reads the variable once, at its first allocation, so it is set here,
 before longrec imports torch; it does nothing when torch was imported and used first, or where
 the kernel's THP setting is `never`.
