@@ -62,3 +62,22 @@ def test_one_lookup_for_history_and_targets_changes_nothing(name, schema, batch)
     )
     torch.testing.assert_close(shared[0], separate[0], rtol=1e-6, atol=1e-7)
     _assert_same(_grads(model, *shared), _grads(model, *separate))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sparse_tables_give_the_dense_tables_gradients(name, schema, batch):
+    """Sparse tables (the row-wise and sparse optimisers) look up distinct ids with their own
+    backward (nn.embedding._LookupDistinctRowsSparse): same gradients as dense tables, padding
+    row included (zero)."""
+    torch.manual_seed(0)
+    sparse = build_model(name, schema, sparse_embeddings=True)
+    dense = build_model(name, schema)
+    dense.load_state_dict(sparse.state_dict())
+    out_s, out_d = sparse.forward_train(batch), dense.forward_train(batch)
+    torch.testing.assert_close(out_s[0], out_d[0], rtol=1e-6, atol=1e-7)
+    grads_s, grads_d = _grads(sparse, *out_s), _grads(dense, *out_d)
+    assert any(g is not None and g.is_sparse for g in grads_s.values())
+    _assert_same(
+        {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in grads_s.items()},
+        grads_d,
+    )

@@ -36,8 +36,12 @@ def test_dare_learns_on_real_taobao(prepared_taobao, tmp_path):
     assert state["step"] == metrics["train"]["steps"]
 
 
-def test_resume_gives_identical_metrics(prepared_taobao, tmp_path):
+@pytest.mark.parametrize("embed_optimizer", ["adam", "rowwise_adam"])
+def test_resume_gives_identical_metrics(prepared_taobao, tmp_path, embed_optimizer):
+    """Also with the row-wise optimiser: its sparse table gradients and lazy moments must come
+    back from state.pt exactly."""
     extra = ["train.max_steps=30", "train.eval_every=10", "model.embed_dim=8", "model.pos_dim=8"]
+    extra.append(f"train.embed_optimizer={embed_optimizer}")
     straight = Trainer(_cfg(prepared_taobao, extra=extra), tmp_path / "a").fit()
 
     class Interrupt(Exception):
