@@ -92,6 +92,13 @@ class _GatherRows(torch.autograd.Function):
         return out, None
 
 
+def _lookup_forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -> Tensor:
+    """weight[ids], keeping what the lookups' backward passes need."""
+    ctx.save_for_backward(ids)
+    ctx.shape, ctx.padding_idx = weight.shape, padding_idx
+    return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+
+
 class _LookupRows(torch.autograd.Function):
     """weight[ids] whose dense backward is a zero-fill plus a linear index_add_. PyTorch's
     embedding_dense_backward sorts the ids first; at DARE's Taobao configuration that sort and
@@ -101,9 +108,8 @@ class _LookupRows(torch.autograd.Function):
     def forward(
         ctx, weight: Tensor, ids: Tensor, padding_idx: int | None, distinct: bool
     ) -> Tensor:
-        ctx.save_for_backward(ids)
-        ctx.shape, ctx.padding_idx, ctx.distinct = weight.shape, padding_idx, distinct
-        return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+        ctx.distinct = distinct
+        return _lookup_forward(ctx, weight, ids, padding_idx)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -129,9 +135,7 @@ class _LookupDistinctRowsSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -> Tensor:
-        ctx.save_for_backward(ids)
-        ctx.shape, ctx.padding_idx = weight.shape, padding_idx
-        return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+        return _lookup_forward(ctx, weight, ids, padding_idx)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

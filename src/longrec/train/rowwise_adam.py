@@ -23,16 +23,12 @@ from longrec.nn import row_kernels
 
 
 def _distinct_rows(grad: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """(row ids [U], summed gradient rows [U, d]) of a sparse or dense gradient."""
+    """(row ids [U], summed gradient rows [U, d]) of a sparse or dense gradient, for the
+    PyTorch path (the C++ kernel sums repeats itself)."""
     if not grad.is_sparse:
         return torch.arange(n_rows, device=grad.device), grad
     ids, values = grad._indices()[0], grad._values()
-    if ids.device.type == "cpu" and row_kernels.available():
-        uniq, inverse = row_kernels.dedup_ids(ids, n_rows)
-        if len(uniq) == len(ids):  # no repeats: in first-appearance order, uniq is ids
-            return uniq, values.contiguous()
-    else:
-        uniq, inverse = torch.unique(ids, return_inverse=True)
+    uniq, inverse = torch.unique(ids, return_inverse=True)
     summed = values.new_zeros(len(uniq), values.shape[1])
     summed.index_add_(0, inverse, values.contiguous())
     return uniq, summed
