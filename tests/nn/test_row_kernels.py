@@ -108,25 +108,35 @@ def test_bad_shapes_are_refused_with_a_message():
         row_kernels.gather_dot(both, index, query)  # rows are 8 wide, the query 4
 
 
-def test_dedup_ids_inverts_and_keeps_first_appearance_order():
+def test_dedup_ids_inverts_in_increasing_order():
     ids = torch.tensor([[5, 3, 5, 0], [3, 9, 9, 5]])
     uniq, inverse = row_kernels.dedup_ids(ids, vocab=10)
-    assert uniq.tolist() == [5, 3, 0, 9]
+    assert uniq.tolist() == [0, 3, 5, 9]
     assert torch.equal(uniq[inverse], ids)
     with pytest.raises(RuntimeError, match="outside"):
         row_kernels.dedup_ids(torch.tensor([10]), vocab=10)
 
 
-def test_dedup_ids_can_lead_with_an_id_present_or_not():
-    ids = torch.tensor([[5, 3, 5, 0], [3, 9, 9, 5]])
-    uniq, inverse = row_kernels.dedup_ids(ids, vocab=10, first=0)
-    assert uniq.tolist() == [0, 5, 3, 9]
+def test_dedup_ids_includes_an_id_present_or_not():
+    ids = torch.tensor([[5, 3, 5], [3, 9, 9]])
+    uniq, inverse = row_kernels.dedup_ids(ids, vocab=10, include=0)
+    assert uniq.tolist() == [0, 3, 5, 9]  # padding leads even when absent
     assert torch.equal(uniq[inverse], ids)
-    uniq, inverse = row_kernels.dedup_ids(ids, vocab=10, first=7)  # absent: still first
-    assert uniq.tolist() == [7, 5, 3, 0, 9]
+    uniq, inverse = row_kernels.dedup_ids(ids, vocab=10, include=7)
+    assert uniq.tolist() == [3, 5, 7, 9]
     assert torch.equal(uniq[inverse], ids)
-    uniq, _ = row_kernels.dedup_ids(ids, vocab=10)  # and the slot of 7 was cleared
-    assert uniq.tolist() == [5, 3, 0, 9]
+    uniq, _ = row_kernels.dedup_ids(ids, vocab=10)  # and the bit of 7 was cleared
+    assert uniq.tolist() == [3, 5, 9]
+
+
+def test_dedup_ids_matches_torch_unique_on_a_long_batch():
+    """The inverse is written by several threads from one thread's slot table."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 200_000, (2048, 200), generator=g)
+    uniq, inverse = row_kernels.dedup_ids(ids, vocab=200_000)
+    want_uniq, want_inverse = torch.unique(ids, return_inverse=True)
+    assert torch.equal(uniq, want_uniq)
+    assert torch.equal(inverse, want_inverse)
 
 
 def test_scatter_distinct_rows_equals_index_add():
@@ -138,8 +148,8 @@ def test_scatter_distinct_rows_equals_index_add():
 
 
 def test_dedup_ids_reuses_its_table_cleanly_across_calls_and_errors():
-    """The slot table persists between calls (O(ids) per call): a failed call and calls with
-    other vocabularies must not leave stale slots behind."""
+    """The bitmap persists between calls (O(ids + vocab / 64) per call): a failed call and
+    calls with other vocabularies must not leave stale bits behind."""
     g = torch.Generator().manual_seed(5)
     for vocab in (50, 7, 50, 1000):
         ids = torch.randint(0, vocab, (300,), generator=g)

@@ -53,6 +53,7 @@ def test_repeated_ids_are_summed_like_sparse_adam():
 def test_cpp_and_pytorch_paths_agree(monkeypatch):
     assert row_kernels.available()
     steps = [torch.randint(0, 12, (9,)) for _ in range(4)]
+    steps.insert(2, torch.tensor([1, 4, 5, 11]))  # increasing ids: the kernel's no-order path
     fused, _ = _run(steps)
     monkeypatch.setattr(rowwise_adam, "_fused", lambda *a: False)
     plain, _ = _run(steps)

@@ -34,13 +34,13 @@ COUPLINGS = ("decoupled", "shared", "four", "projection")
 
 
 def dedup(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """(distinct ids [U], inverse with the shape of ids) in O(N + vocab) without sorting N ids
-    (torch.unique sorts): one pass in C++ (row_kernels.dedup_ids, ids in order of first
-    appearance), else a bitmap over the id range (ids in increasing order). The padding id 0
-    always comes first, present or not: a sparse table gradient drops it by slicing
-    (nn.embedding._LookupDistinctRowsSparse)."""
+    """(distinct ids [U] in increasing order, inverse with the shape of ids) in O(N + vocab)
+    without sorting N ids (torch.unique sorts): a bitmap over the id range, in C++
+    (row_kernels.dedup_ids) or in PyTorch. Increasing order keeps the passes over a table's
+    rows in address order. The padding id 0 always comes first, present or not: a sparse
+    table gradient drops it by slicing (nn.embedding._LookupDistinctRowsSparse)."""
     if ids.device.type == "cpu" and row_kernels.available():
-        return row_kernels.dedup_ids(ids, vocab, first=0)
+        return row_kernels.dedup_ids(ids, vocab, include=0)
     flat = ids.reshape(-1).long()
     seen = torch.zeros(vocab, dtype=torch.bool, device=ids.device)
     seen[0] = True

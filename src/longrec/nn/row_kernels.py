@@ -27,7 +27,8 @@ from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 SOURCES = [
-    Path(__file__).with_name("csrc") / n for n in ("row_kernels.cpp", "search_attention.cpp")
+    Path(__file__).with_name("csrc") / n
+    for n in ("row_kernels.cpp", "search_attention.cpp", "adam_rows.cpp")
 ]
 
 
@@ -97,13 +98,12 @@ def gather_pool(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     return _Gather.apply(rows, index.contiguous(), weight.contiguous(), True)
 
 
-def dedup_ids(ids: Tensor, vocab: int, first: int | None = None) -> tuple[Tensor, Tensor]:
-    """(distinct ids in order of first appearance [U], inverse with the shape of ids); with
-    `first`, that id leads the distinct ids whether or not it occurs."""
-    uniq, inverse = _extension().dedup_ids(
-        ids.contiguous().long(), vocab, -1 if first is None else first
+def dedup_ids(ids: Tensor, vocab: int, include: int | None = None) -> tuple[Tensor, Tensor]:
+    """(distinct ids in increasing order [U], inverse with the shape of ids); `include` is
+    among the distinct ids whether or not it occurs."""
+    return _extension().dedup_ids(
+        ids.contiguous().long(), vocab, -1 if include is None else include
     )
-    return uniq, inverse
 
 
 def scatter_distinct_rows(ids: Tensor, grad: Tensor, vocab: int) -> Tensor:
@@ -127,6 +127,37 @@ def rowwise_adam_(
     """Lazy Adam on the rows of a sparse gradient (ids [N], grad [N, d]; ids may repeat, in any
     order: repeats are summed), in place, one pass over the distinct rows."""
     _extension().rowwise_adam_(
+        param,
+        exp_avg,
+        exp_avg_sq,
+        ids.contiguous().long(),
+        grad.contiguous(),
+        lr,
+        beta1,
+        beta2,
+        eps,
+        bias1,
+        bias2,
+    )
+
+
+def sparse_grad_adam_(
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    ids: Tensor,
+    grad: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias1: float,
+    bias2: float,
+) -> None:
+    """torch.optim.Adam's update of every row from a sparse gradient (ids [N], grad [N, d];
+    ids may repeat, in any order: repeats are summed; absent rows have a zero gradient), in
+    place, one pass over the table."""
+    _extension().sparse_grad_adam_(
         param,
         exp_avg,
         exp_avg_sq,

@@ -1,5 +1,5 @@
-// What the extension's two sources share (longrec.nn.row_kernels): the prefetch distance, the
-// id range check, and search_attention.cpp's entry points for row_kernels.cpp's module.
+// What the extension's sources share (longrec.nn.row_kernels): the prefetch distance, the id
+// range check, and the other sources' entry points for row_kernels.cpp's module.
 #pragma once
 
 #include <torch/extension.h>
@@ -28,3 +28,9 @@ std::vector<torch::Tensor> search_attend_backward(
     const std::vector<double>& scale, const torch::Tensor& mask, const torch::Tensor& idx,
     const torch::Tensor& w_top, const torch::Tensor& w_all, const torch::Tensor& grad_top,
     const torch::Tensor& grad_all);
+void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
+                   const torch::Tensor& ids, const torch::Tensor& grad, double lr, double beta1,
+                   double beta2, double eps, double bias1, double bias2);
+void sparse_grad_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
+                       const torch::Tensor& ids, const torch::Tensor& grad, double lr,
+                       double beta1, double beta2, double eps, double bias1, double bias2);
