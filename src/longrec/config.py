@@ -48,10 +48,13 @@ class TrainConfig:
     # "adam" (dense, as DARE) | "rowwise_adam" (lazy: touched rows only) | "sparse_adam" |
     # "adagrad" | "sgd"
     embed_optimizer: str = "adam"
+    # embed_optimizer=adam: tables looked up at distinct ids pass their gradients sparse to an
+    # Adam that still updates every row (train/table_adam.py; same updates, no [V, d] gradient)
+    sparse_table_grads: bool = True
     embed_lr: float | None = None  # default: lr
     l2: float = 1e-6  # DARE: explicit L2 penalty on non-bias, non-embedding weights
     weight_decay: float = 0.0  # decoupled weight decay (adamw) instead of / besides l2
-    grad_clip: float | None = None  # global-norm clipping (TIN uses 5)
+    grad_clip: float | None = None  # global-norm clipping, sparse table grads included (TIN: 5)
     schedule: str = "constant"  # "constant" | "cosine" | "linear"
     warmup_steps: int = 0
     bf16: bool = False  # autocast to bfloat16 (AMX on Sapphire Rapids); off until shown equal

@@ -156,7 +156,13 @@ class _LookupDistinctRowsSparse(torch.autograd.Function):
 class RowTable(nn.Embedding):
     """nn.Embedding with faster backward passes (`_LookupRows`, and `_LookupDistinctRowsSparse`
     for sparse tables looked up at distinct ids); max_norm and scale_grad_by_freq keep
-    PyTorch's own lookup. Same parameters and state_dict keys."""
+    PyTorch's own lookup. Same parameters and state_dict keys.
+
+    `sparse_distinct_grad`: a dense table whose optimiser takes sparse gradients
+    (train.table_adam.TableAdam) gets the gradient of a distinct-id lookup sparse too, so
+    that no [V, d] gradient is built; other lookups still give a dense one."""
+
+    sparse_distinct_grad: bool = False
 
     def forward(self, ids: Tensor, distinct: bool = False) -> Tensor:
         """`distinct`: the caller guarantees no id repeats (a de-duplicated batch), which lets
@@ -167,10 +173,10 @@ class RowTable(nn.Embedding):
             or not (torch.is_grad_enabled() and self.weight.requires_grad)
         ):
             return super().forward(ids)
-        if self.sparse:
-            if not distinct:
-                return super().forward(ids)
+        if distinct and (self.sparse or self.sparse_distinct_grad):
             return _LookupDistinctRowsSparse.apply(self.weight, ids, self.padding_idx)
+        if self.sparse:
+            return super().forward(ids)
         return _LookupRows.apply(self.weight, ids, self.padding_idx, distinct)
 
 

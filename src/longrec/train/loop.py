@@ -36,11 +36,13 @@ from longrec.train.compile import compile_dense_modules
 from longrec.train.evaluate import evaluate_split
 from longrec.train.optim import (
     build_optimizers,
+    clip_grad_norm_,
     l2_penalty,
     lr_factor,
     set_lr,
     wants_sparse_embeddings,
 )
+from longrec.train.table_adam import use_sparse_table_grads
 
 
 def masked_bce(logits: Tensor, labels: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
@@ -95,6 +97,8 @@ class Trainer:
             self.sharded = shard_embeddings(
                 self.model, self.world_size, ShardOptions.from_train_config(tc)
             )
+        if tc.embed_optimizer == "adam" and tc.sparse_table_grads and not self.distributed:
+            use_sparse_table_grads(self.model)  # DDP gets the dense gradients it buckets
         self.compiled = compile_dense_modules(self.model, tc.compile)
         self.optimizers = build_optimizers(self.model, tc)
         # fused optimiser of the sharded tables: scheduled with the others, checkpointed apart
@@ -247,10 +251,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         total.backward()
         if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse],
-                tc.grad_clip,
-            )
+            clip_grad_norm_(list(self.model.parameters()), tc.grad_clip)
         for opt in optimizers:
             opt.step()
         value = float(loss.detach())

@@ -2,7 +2,9 @@
 
 Sparse embedding optimisers (rowwise_adam, sparse_adam, adagrad, sgd) update only the rows a
 batch touched, which is what makes 4M-item tables affordable; "adam" is dense, as in DARE's
-code. rowwise_adam (train/rowwise_adam.py) is SparseAdam's lazy Adam, several times faster.
+code (train/table_adam.py: torch.optim.Adam that also takes the sparse gradients of tables
+looked up at distinct ids). rowwise_adam (train/rowwise_adam.py) is SparseAdam's lazy Adam,
+several times faster.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from longrec.config import TrainConfig
 from longrec.errors import UserError
 from longrec.train.rowwise_adam import RowwiseAdam
+from longrec.train.table_adam import TableAdam
 
 SPARSE_EMBED_OPTIMIZERS = ("rowwise_adam", "sparse_adam", "adagrad", "sgd")
 
@@ -57,7 +60,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     if embed:
         lr = cfg.embed_lr if cfg.embed_lr is not None else cfg.lr
         kinds = {
-            "adam": lambda: torch.optim.Adam(embed, lr=lr, fused=_fusable(embed)),
+            "adam": lambda: TableAdam(embed, lr=lr, fused=_fusable(embed)),
             "rowwise_adam": lambda: RowwiseAdam(embed, lr=lr),
             "sparse_adam": lambda: torch.optim.SparseAdam(embed, lr=lr),
             "adagrad": lambda: torch.optim.Adagrad(embed, lr=lr),
@@ -69,6 +72,24 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
             )
         opts.append(kinds[cfg.embed_optimizer]())
     return opts
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """Global-norm clipping over dense and sparse gradients alike (torch's clip_grad_norm_
+    takes dense ones only): a table's sparse gradient counts with its coalesced rows, as its
+    dense equivalent would."""
+    grads = [p.grad for p in params if p.grad is not None]
+    dense = [g for g in grads if not g.is_sparse]
+    sparse = [g for g in grads if g.is_sparse]
+    norms = [g.coalesce()._values() for g in sparse]
+    total = torch.nn.utils.get_total_norm(dense + norms)
+    torch.nn.utils.clip_grads_with_norm_(
+        [p for p in params if p.grad is not None and not p.grad.is_sparse], max_norm, total
+    )
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in sparse:
+        g.mul_(scale)
+    return total
 
 
 def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
