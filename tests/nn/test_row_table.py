@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from longrec.nn.embedding import RowTable
+from longrec.nn.embedding import RowTable, gather_rows
 
 
 def test_values_and_gradients_equal_nn_embedding():
@@ -44,3 +44,26 @@ def test_sparse_distinct_lookup_gives_nn_embeddings_gradient_without_the_padding
     assert ours.weight.grad.is_sparse
     torch.testing.assert_close(ours.weight.grad.to_dense(), ref.weight.grad.to_dense())
     assert ours.weight.grad.to_dense()[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("with_dense_use", [True, False])
+def test_sparse_gradient_gathers_give_the_rows_the_dense_gradient(with_dense_use):
+    """gather_rows(..., sparse_grad=True) (the targets among a batch's distinct rows): added
+    in place into the history's dense gradient of the rows, or alone; through a dense or a
+    sparse table's distinct lookup, the table's gradient is the dense gather's."""
+    ids = torch.tensor([0, 2, 5, 9])  # distinct, padding first
+    picks = torch.tensor([[1, 3], [3, 3]])  # repeats: summed
+    w_hist, w_tgt = torch.randn(4, 6), torch.randn(2, 2, 6)
+    grads = []
+    for sparse_grad, sparse_table in ((False, False), (True, False), (True, True)):
+        torch.manual_seed(0)
+        table = RowTable(10, 6, padding_idx=0, sparse=sparse_table)
+        rows = table(ids, distinct=True)
+        loss = (gather_rows(rows, picks, sparse_grad=sparse_grad) * w_tgt).sum()
+        if with_dense_use:
+            loss = loss + (rows * w_hist).sum()
+        loss.backward()
+        grads.append(table.weight.grad.to_dense())
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(grads[2], grads[0])
+    assert grads[0][9].abs().sum() > 0 and grads[0][0].abs().sum() == 0

@@ -226,7 +226,7 @@ class EmbeddingSet(nn.Module):
             ids = batch.target[f]
             if history is not None:
                 hf = history.fields[i]
-                e = gather_rows(hf.rows, hf.target_inverse)
+                e = gather_rows(hf.rows, hf.target_inverse, sparse_grad=True)
             else:
                 e = self.tables[f](ids)
             if f in self.multi:

@@ -75,21 +75,35 @@ def zero_padding_rows(module: nn.Module) -> None:
 
 class _GatherRows(torch.autograd.Function):
     """rows[index] whose backward accumulates with index_add_ (a linear pass) instead of the
-    sort-based accumulate of index_put_, which dominated the step time of long histories."""
+    sort-based accumulate of index_put_, which dominated the step time of long histories.
+    With `sparse_grad` the gradient is a sparse [U, d] tensor instead: for a few rows of many
+    (the targets among a batch's distinct rows), autograd then adds it in place into the
+    dense gradient the history gives the same rows, an index_add of the few, instead of a
+    zero-filled second [U, d] tensor and a full add (15 ms a step at 6.2M items)."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, index: Tensor) -> Tensor:
+    def forward(ctx, rows: Tensor, index: Tensor, sparse_grad: bool) -> Tensor:
         ctx.save_for_backward(index)
-        ctx.n_rows = rows.shape[0]
+        ctx.n_rows, ctx.sparse_grad = rows.shape[0], sparse_grad
         return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
         d = grad.shape[-1]
+        flat = grad.reshape(-1, d).contiguous()
+        if ctx.sparse_grad:
+            size = (ctx.n_rows, d)
+            out = torch.sparse_coo_tensor(index.reshape(1, -1), flat, size, check_invariants=False)
+            return out, None, None
         out = grad.new_zeros(ctx.n_rows, d)
-        out.index_add_(0, index.reshape(-1), grad.reshape(-1, d).contiguous())
-        return out, None
+        out.index_add_(0, index.reshape(-1), flat)
+        return out, None, None
+
+
+def _dense(grad: Tensor) -> Tensor:
+    """The rows' gradient is sparse when only sparse-gradient gathers used them (gather_rows)."""
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def _lookup_forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -> Tensor:
@@ -115,7 +129,7 @@ class _LookupRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
         # a contiguous source: index_add_ takes a slow per-row path for strided ones (6x here)
-        flat = grad.reshape(-1, ctx.shape[1]).contiguous()
+        flat = _dense(grad).reshape(-1, ctx.shape[1]).contiguous()
         if ctx.distinct and row_kernels.applicable(flat):
             out = row_kernels.scatter_distinct_rows(ids.reshape(-1), flat, ctx.shape[0])
         else:
@@ -141,7 +155,7 @@ class _LookupDistinctRowsSparse(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
         flat_ids = ids.reshape(1, -1)
-        values = grad.reshape(-1, ctx.shape[1]).contiguous()
+        values = _dense(grad).reshape(-1, ctx.shape[1]).contiguous()
         pad = ctx.padding_idx
         if pad is not None and flat_ids.shape[1] and flat_ids[0, 0].item() == pad:
             flat_ids, values = flat_ids[:, 1:], values[1:]
@@ -180,8 +194,9 @@ class RowTable(nn.Embedding):
         return _LookupRows.apply(self.weight, ids, self.padding_idx, distinct)
 
 
-def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
-    """rows [U, d] at index (any shape) -> [*index.shape, d], with a fast backward."""
+def gather_rows(rows: Tensor, index: Tensor, sparse_grad: bool = False) -> Tensor:
+    """rows [U, d] at index (any shape) -> [*index.shape, d], with a fast backward
+    (`sparse_grad`: a sparse one, for an index that picks few of the rows)."""
     if not rows.requires_grad:
         return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
-    return _GatherRows.apply(rows, index)
+    return _GatherRows.apply(rows, index, sparse_grad)
