@@ -175,3 +175,25 @@ def test_ids_past_the_table_are_refused_not_read():
     index[0][2, 3] = 20
     with pytest.raises(RuntimeError, match="1 ids outside"):
         search_attention.search_attend(attn, repr_, index, query, scale, mask, 5, False)
+
+
+@pytest.mark.parametrize("width", [None, 16])
+def test_int32_ids_index_like_int64_ones(width):
+    """Inference indexes the tables with the batch's int32 ids as they come."""
+    attn, repr_, index, query, scale, mask, params = _case(
+        16, 2, 30, 5, (25, 6), True, width, shared_pos=True
+    )
+    index32 = [None if i is None else i.int() for i in index]
+
+    def run(idx):
+        top, full, picked, valid = search_attention.search_attend(
+            attn, repr_, idx, query, scale, mask, 5, True
+        )
+        grads = torch.autograd.grad(top.sin().sum() + full.cos().sum(), params)
+        return (top, full, picked, valid, *grads)
+
+    for a, b in zip(run(index32), run(index), strict=True):
+        assert torch.equal(a, b)
+    index32[0][3, 4] = 25
+    with pytest.raises(RuntimeError, match="1 ids outside"):
+        search_attention.search_attend(attn, repr_, index32, query, scale, mask, 5, False)

@@ -69,6 +69,7 @@ class HistoryField:
             self.fused
             and self.value_mask is None
             and self.gathered is None
+            and self.inverse.dtype == torch.int64  # the row kernels index with int64 only
             and row_kernels.applicable(self.rows, x)
         )
 

@@ -10,7 +10,8 @@
 constexpr int64_t kAhead = 4;  // behaviours prefetched ahead (4 beat 8, 16 and 32)
 
 // Rows are read and written unchecked by the kernels: every id must lie in [0, rows).
-inline void check_ids(const int64_t* ids, int64_t n, int64_t rows, const std::string& what) {
+template <typename Id>
+inline void check_ids(const Id* ids, int64_t n, int64_t rows, const std::string& what) {
   int64_t bad = 0;
   for (int64_t p = 0; p < n; ++p) bad += (ids[p] < 0) | (ids[p] >= rows);
   TORCH_CHECK(bad == 0, what, ": ", bad, " ids outside [0, ", rows, ")");

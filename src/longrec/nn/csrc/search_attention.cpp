@@ -33,15 +33,18 @@ namespace {
 struct Field {
   const float* A;
   const float* R;
-  const int64_t* index;  // nullptr: row = position
+  const void* index;  // [B, L] int64 or int32 (index32); nullptr: row = position
   const float* Q;
   int64_t da, dr, sa, sr, rows, off;
   float scale;
   bool shared;  // one query [1, 1, da] for every target (position fields): see `shared_bias`
+  bool index32;  // int32 ids: inference indexes the tables with the batch's ids as they come
 };
 
 inline int64_t row_at(const Field& f, int64_t b, int64_t l, int64_t L) {
-  return f.index ? f.index[b * L + l] : l;
+  if (!f.index) return l;
+  const int64_t p = b * L + l;
+  return f.index32 ? static_cast<const int32_t*>(f.index)[p] : static_cast<const int64_t*>(f.index)[p];
 }
 
 // Lane-wise accumulation: sum_f <x_f, y_f> over several fields is one horizontal sum.
@@ -108,12 +111,14 @@ std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
       TORCH_CHECK(a.size(0) >= L, "search_attend: field ", f, ": ", a.size(0),
                   " position rows for a history of ", L);
     } else {
-      TORCH_CHECK(i.dim() == 2 && i.scalar_type() == torch::kLong && i.is_contiguous() &&
-                      i.size(0) == B && i.size(1) == L,
-                  "search_attend: field ", f, ": index must be a contiguous int64 [B, L] tensor");
-      if (check_index)
-        check_ids(i.data_ptr<int64_t>(), B * L, a.size(0),
-                  "search_attend: field " + std::to_string(f));
+      const bool id32 = i.scalar_type() == torch::kInt;
+      TORCH_CHECK(i.dim() == 2 && (id32 || i.scalar_type() == torch::kLong) &&
+                      i.is_contiguous() && i.size(0) == B && i.size(1) == L,
+                  "search_attend: field ", f,
+                  ": index must be a contiguous int64 or int32 [B, L] tensor");
+      const std::string what = "search_attend: field " + std::to_string(f);
+      if (check_index && id32) check_ids(i.data_ptr<int32_t>(), B * L, a.size(0), what);
+      if (check_index && !id32) check_ids(i.data_ptr<int64_t>(), B * L, a.size(0), what);
     }
     const bool shared = identity && q.dim() == 3 && q.size(0) == 1 && q.size(1) == 1 &&
                         query[0].size(0) == B;
@@ -123,9 +128,10 @@ std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
                 "search_attend: field ", f, ": query must be a contiguous float32 [B, M, da]",
                 " (or [1, 1, da] for a field without index)");
     out.push_back(Field{a.data_ptr<float>(), r.data_ptr<float>(),
-                        identity ? nullptr : i.data_ptr<int64_t>(), q.data_ptr<float>(),
-                        a.size(1), r.size(1), a.stride(0), r.stride(0), a.size(0), off,
-                        static_cast<float>(scale[f]), shared});
+                        identity ? nullptr : i.data_ptr(), q.data_ptr<float>(), a.size(1),
+                        r.size(1), a.stride(0), r.stride(0), a.size(0), off,
+                        static_cast<float>(scale[f]), shared,
+                        !identity && i.scalar_type() == torch::kInt});
     off += r.size(1);
   }
   return out;
@@ -162,7 +168,7 @@ inline void prefetch(const float* base, int64_t u, int64_t stride, bool write = 
 inline void prefetch_ahead(const Field& f, int64_t b, int64_t l, int64_t L, bool attn,
                            bool repr, float* grad_attn = nullptr, float* grad_repr = nullptr) {
   if (f.index == nullptr || l + kAhead >= L) return;
-  const int64_t u = f.index[b * L + l + kAhead];
+  const int64_t u = row_at(f, b, l + kAhead, L);
   if (attn) prefetch(f.A, u, f.sa);
   if (repr) prefetch(f.R, u, f.sr);
   if (grad_attn) prefetch(grad_attn, u, f.da, true);
@@ -304,7 +310,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           const int64_t n = select_top(sm, mk, L, K, keys.data(), id);
           for (const auto& f : fs)  // the selected rows, while the softmax is computed
             for (int64_t j = 0; j < n; ++j)
-              if (f.index) prefetch(f.R, f.index[b * L + id[j]], f.sr);
+              if (f.index) prefetch(f.R, row_at(f, b, id[j], L), f.sr);
           float mx = neg_inf;
           for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sm[id[j]]);
           float total = 0.f;
@@ -453,7 +459,7 @@ std::vector<torch::Tensor> search_attend_backward(
             for (int64_t f = 0; f < F; ++f) {  // the selected rows and their gradient rows
               if (!fs[f].index) continue;
               for (int64_t j = 0; j < K; ++j) {
-                const int64_t u = fs[f].index[b * L + id[j]];
+                const int64_t u = row_at(fs[f], b, id[j], L);
                 prefetch(fs[f].R, u, fs[f].sr);
                 prefetch(gr[f], u, dr_of<W>(fs[f]), true);
               }
