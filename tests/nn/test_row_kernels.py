@@ -158,3 +158,15 @@ def test_dedup_ids_reuses_its_table_cleanly_across_calls_and_errors():
         assert len(uniq) == len(torch.unique(ids))
         with pytest.raises(RuntimeError, match="1 ids outside"):
             row_kernels.dedup_ids(torch.cat([ids, torch.tensor([vocab])]), vocab)
+
+
+def test_dedup_ids_takes_int32_ids_as_they_come():
+    ids = torch.randint(0, 5000, (64, 50), generator=torch.Generator().manual_seed(6))
+    for got, want in zip(
+        row_kernels.dedup_ids(ids.int(), 5000, include=0),
+        row_kernels.dedup_ids(ids, 5000, include=0),
+        strict=True,
+    ):
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="1 ids outside"):
+        row_kernels.dedup_ids(torch.tensor([3, 5000], dtype=torch.int32), 5000)

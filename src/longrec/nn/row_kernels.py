@@ -99,11 +99,11 @@ def gather_pool(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
 
 
 def dedup_ids(ids: Tensor, vocab: int, include: int | None = None) -> tuple[Tensor, Tensor]:
-    """(distinct ids in increasing order [U], inverse with the shape of ids); `include` is
-    among the distinct ids whether or not it occurs."""
-    return _extension().dedup_ids(
-        ids.contiguous().long(), vocab, -1 if include is None else include
-    )
+    """(distinct ids in increasing order [U], inverse with the shape of ids), both int64, from
+    int64 or int32 ids; `include` is among the distinct ids whether or not it occurs."""
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.long()
+    return _extension().dedup_ids(ids.contiguous(), vocab, -1 if include is None else include)
 
 
 def scatter_distinct_rows(ids: Tensor, grad: Tensor, vocab: int) -> Tensor:

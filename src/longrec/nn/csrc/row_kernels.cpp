@@ -205,11 +205,11 @@ torch::Tensor scatter_distinct_rows(const torch::Tensor& ids, const torch::Tenso
 // user's rows together for the gathers but sent every table pass to random addresses).
 // `include` >= 0 is among the distinct ids whether or not it occurs (padding, 0: it then leads,
 // and a sparse gradient drops its entry by slicing).
-std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab, int64_t include) {
-  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.is_contiguous(),
-              "dedup_ids: ids must be a contiguous int64 tensor");
+template <typename Id>
+std::vector<torch::Tensor> dedup_ids_of(const torch::Tensor& ids, int64_t vocab,
+                                        int64_t include) {
   const int64_t n = ids.numel();
-  const int64_t* I = ids.data_ptr<int64_t>();
+  const Id* I = ids.data_ptr<Id>();
   check_ids(I, n, vocab, "dedup_ids");  // first: the bitmap below must be left clear
   TORCH_CHECK(include < vocab, "dedup_ids: id ", include, " outside [0, ", vocab, ")");
   // The bitmap and slot table persist per thread and the bitmap is left clear, so a call costs
@@ -233,15 +233,24 @@ std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab, in
       uniq.push_back(id);
     }
   }
-  auto inverse = torch::empty_like(ids);
+  auto inverse = torch::empty(ids.sizes(), ids.options().dtype(torch::kLong));
   int64_t* inv = inverse.data_ptr<int64_t>();
   const int32_t* S = slot.data();  // this thread's table, read by the pool's threads
   at::parallel_for(0, n, 1 << 14, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) inv[p] = S[I[p]];
   });
-  auto distinct = torch::empty({static_cast<int64_t>(uniq.size())}, ids.options());
+  auto distinct = torch::empty({static_cast<int64_t>(uniq.size())}, inverse.options());
   std::copy(uniq.begin(), uniq.end(), distinct.data_ptr<int64_t>());
   return {distinct, inverse};
+}
+
+// int64 or int32 ids (the batches' own width: no conversion pass); int64 results.
+std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab, int64_t include) {
+  TORCH_CHECK((ids.scalar_type() == torch::kLong || ids.scalar_type() == torch::kInt) &&
+                  ids.is_contiguous(),
+              "dedup_ids: ids must be a contiguous int64 or int32 tensor");
+  if (ids.scalar_type() == torch::kInt) return dedup_ids_of<int32_t>(ids, vocab, include);
+  return dedup_ids_of<int64_t>(ids, vocab, include);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
