@@ -170,3 +170,12 @@ def test_dedup_ids_takes_int32_ids_as_they_come():
         assert got.dtype == torch.int64 and torch.equal(got, want)
     with pytest.raises(RuntimeError, match="1 ids outside"):
         row_kernels.dedup_ids(torch.tensor([3, 5000], dtype=torch.int32), 5000)
+
+
+def test_lookup_rows_equals_index_select_and_refuses_bad_ids():
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(20_000, 16, generator=g)
+    ids = torch.randint(0, 20_000, (9_000,), generator=g)  # repeats, any order
+    assert torch.equal(row_kernels.lookup_rows(weight, ids), weight.index_select(0, ids))
+    with pytest.raises(RuntimeError, match="1 ids outside"):
+        row_kernels.lookup_rows(weight, torch.tensor([5, 20_000]))

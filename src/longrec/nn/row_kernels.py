@@ -106,6 +106,11 @@ def dedup_ids(ids: Tensor, vocab: int, include: int | None = None) -> tuple[Tens
     return _extension().dedup_ids(ids.contiguous(), vocab, -1 if include is None else include)
 
 
+def lookup_rows(weight: Tensor, ids: Tensor) -> Tensor:
+    """weight[ids] ([V, d] float32 at int64 ids [N]) with the rows prefetched ahead."""
+    return _extension().lookup_rows(weight, ids.contiguous().long())
+
+
 def scatter_distinct_rows(ids: Tensor, grad: Tensor, vocab: int) -> Tensor:
     """[vocab, d] zeros with grad[i] at row ids[i]; the ids must be distinct."""
     return _extension().scatter_distinct_rows(ids.contiguous().long(), grad.contiguous(), vocab)

@@ -253,12 +253,39 @@ std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab, in
   return dedup_ids_of<int64_t>(ids, vocab, include);
 }
 
+// weight[ids] for a table's rows [V, d] (float32, contiguous) at int64 ids [N]: index_select,
+// with the rows prefetched ahead. The ids of a batch's distinct rows are sparse in a large
+// table (290K of 6.2M), so the hardware prefetcher cannot follow them and index_select waited
+// on memory row by row: 4-6 ms a lookup at 6.2M items (BENCHMARKS.md).
+torch::Tensor lookup_rows(const torch::Tensor& weight, const torch::Tensor& ids) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat &&
+                  weight.is_contiguous(),
+              "lookup_rows: weight must be a contiguous float32 [V, d] tensor");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kLong && ids.is_contiguous(),
+              "lookup_rows: ids must be a contiguous int64 [N] tensor");
+  const int64_t n = ids.size(0), d = weight.size(1);
+  const int64_t* I = ids.data_ptr<int64_t>();
+  check_ids(I, n, weight.size(0), "lookup_rows");
+  auto out = torch::empty({n, d}, weight.options());
+  const float* W = weight.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  constexpr int64_t ahead_rows = 16;  // 64: no faster
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i + ahead_rows < i1) __builtin_prefetch(W + I[i + ahead_rows] * d);
+      std::memcpy(O + i * d, W + I[i] * d, sizeof(float) * d);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("search_attend", &search_attend, "soft top-k search and attention, one pass per user");
   m.def("search_attend_backward", &search_attend_backward, "its gradients");
   m.def("rowwise_adam_", &rowwise_adam_, "lazy Adam on a sparse gradient's rows, in place");
   m.def("sparse_grad_adam_", &sparse_grad_adam_, "Adam on every row from a sparse gradient");
   m.def("scatter_distinct_rows", &scatter_distinct_rows, "dense gradient of distinct rows");
+  m.def("lookup_rows", &lookup_rows, "weight[ids] with the rows prefetched ahead");
   m.def("dedup_ids", &dedup_ids, "distinct ids in increasing order, and the inverse");
   m.def("gather_backward", &gather_backward, "rows' and per-target gradients in one pass");
   m.def("gather_dot", &gather_dot, "scores of per-target queries against indexed rows");
