@@ -179,3 +179,20 @@ def test_lookup_rows_equals_index_select_and_refuses_bad_ids():
     assert torch.equal(row_kernels.lookup_rows(weight, ids), weight.index_select(0, ids))
     with pytest.raises(RuntimeError, match="1 ids outside"):
         row_kernels.lookup_rows(weight, torch.tensor([5, 20_000]))
+
+
+def test_dedup_parts_equals_dedup_of_the_concatenation():
+    g = torch.Generator().manual_seed(9)
+    hist = torch.randint(0, 3000, (32, 40), generator=g, dtype=torch.int32)
+    tgt = torch.randint(0, 3000, (32, 1), generator=g, dtype=torch.int32)
+    uniq, (h_inv, t_inv) = row_kernels.dedup_parts([hist, tgt], 3000, include=0)
+    want_uniq, want_inv = row_kernels.dedup_ids(
+        torch.cat((hist.reshape(-1), tgt.reshape(-1))), 3000, 0
+    )
+    assert torch.equal(uniq, want_uniq)
+    assert torch.equal(torch.cat((h_inv.reshape(-1), t_inv.reshape(-1))), want_inv)
+    assert h_inv.shape == hist.shape and t_inv.shape == tgt.shape
+    with pytest.raises(RuntimeError, match="1 ids outside"):
+        row_kernels.dedup_parts([hist, torch.tensor([[3000]], dtype=torch.int32)], 3000)
+    uniq, _ = row_kernels.dedup_parts([hist], 3000)  # the failed call left no bits behind
+    assert torch.equal(uniq, torch.unique(hist).long())

@@ -344,6 +344,10 @@ class Towers(nn.Module):
                 out[f] = (*dedup(hist, self.vocab[f]), None)
                 continue
             tgt = batch.target[f]
+            if hist.device.type == "cpu" and row_kernels.available():  # no concatenation
+                uniq, (h_inv, t_inv) = row_kernels.dedup_parts([hist, tgt], self.vocab[f], 0)
+                out[f] = (uniq, h_inv, t_inv)
+                continue
             uniq, inverse = dedup(torch.cat((hist.reshape(-1), tgt.reshape(-1))), self.vocab[f])
             n = hist.numel()
             out[f] = (uniq, inverse[:n].view(hist.shape), inverse[n:].view(tgt.shape))

@@ -101,9 +101,19 @@ def gather_pool(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
 def dedup_ids(ids: Tensor, vocab: int, include: int | None = None) -> tuple[Tensor, Tensor]:
     """(distinct ids in increasing order [U], inverse with the shape of ids), both int64, from
     int64 or int32 ids; `include` is among the distinct ids whether or not it occurs."""
-    if ids.dtype not in (torch.int32, torch.int64):
-        ids = ids.long()
-    return _extension().dedup_ids(ids.contiguous(), vocab, -1 if include is None else include)
+    uniq, inverse = dedup_parts([ids], vocab, include)
+    return uniq, inverse[0]
+
+
+def dedup_parts(
+    parts: list[Tensor], vocab: int, include: int | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """dedup_ids over several tensors at once (a batch's history and targets): the distinct ids
+    of all, and each part's inverse, without concatenating them first."""
+    dtype = torch.int32 if all(p.dtype == torch.int32 for p in parts) else torch.int64
+    parts = [p.to(dtype).contiguous() for p in parts]
+    uniq, *inverses = _extension().dedup_ids(parts, vocab, -1 if include is None else include)
+    return uniq, inverses
 
 
 def lookup_rows(weight: Tensor, ids: Tensor) -> Tensor:

@@ -206,11 +206,10 @@ torch::Tensor scatter_distinct_rows(const torch::Tensor& ids, const torch::Tenso
 // `include` >= 0 is among the distinct ids whether or not it occurs (padding, 0: it then leads,
 // and a sparse gradient drops its entry by slicing).
 template <typename Id>
-std::vector<torch::Tensor> dedup_ids_of(const torch::Tensor& ids, int64_t vocab,
+std::vector<torch::Tensor> dedup_ids_of(const std::vector<torch::Tensor>& parts, int64_t vocab,
                                         int64_t include) {
-  const int64_t n = ids.numel();
-  const Id* I = ids.data_ptr<Id>();
-  check_ids(I, n, vocab, "dedup_ids");  // first: the bitmap below must be left clear
+  for (const auto& ids : parts)  // first: the bitmap below must be left clear
+    check_ids(ids.data_ptr<Id>(), ids.numel(), vocab, "dedup_ids");
   TORCH_CHECK(include < vocab, "dedup_ids: id ", include, " outside [0, ", vocab, ")");
   // The bitmap and slot table persist per thread and the bitmap is left clear, so a call costs
   // O(ids + vocabulary / 64), not an O(vocabulary) allocation and fill (25 MB at 6.2M items).
@@ -220,9 +219,15 @@ std::vector<torch::Tensor> dedup_ids_of(const torch::Tensor& ids, int64_t vocab,
   if (static_cast<int64_t>(bits.size()) < words) bits.assign(words, 0);
   if (static_cast<int64_t>(slot.size()) < vocab) slot.resize(vocab);
   if (include >= 0) bits[include >> 6] |= uint64_t{1} << (include & 63);
-  for (int64_t p = 0; p < n; ++p) bits[I[p] >> 6] |= uint64_t{1} << (I[p] & 63);
+  int64_t total = 0;
+  for (const auto& ids : parts) {
+    const Id* I = ids.data_ptr<Id>();
+    for (int64_t p = 0, n = ids.numel(); p < n; ++p)
+      bits[I[p] >> 6] |= uint64_t{1} << (I[p] & 63);
+    total += ids.numel();
+  }
   std::vector<int64_t> uniq;
-  uniq.reserve(std::min<int64_t>(n + 1, vocab));
+  uniq.reserve(std::min<int64_t>(total + 1, vocab));
   for (int64_t w = 0; w < words; ++w) {
     uint64_t word = bits[w];
     if (!word) continue;
@@ -233,24 +238,36 @@ std::vector<torch::Tensor> dedup_ids_of(const torch::Tensor& ids, int64_t vocab,
       uniq.push_back(id);
     }
   }
-  auto inverse = torch::empty(ids.sizes(), ids.options().dtype(torch::kLong));
-  int64_t* inv = inverse.data_ptr<int64_t>();
-  const int32_t* S = slot.data();  // this thread's table, read by the pool's threads
-  at::parallel_for(0, n, 1 << 14, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) inv[p] = S[I[p]];
-  });
-  auto distinct = torch::empty({static_cast<int64_t>(uniq.size())}, inverse.options());
+  auto options = parts[0].options().dtype(torch::kLong);
+  auto distinct = torch::empty({static_cast<int64_t>(uniq.size())}, options);
   std::copy(uniq.begin(), uniq.end(), distinct.data_ptr<int64_t>());
-  return {distinct, inverse};
+  std::vector<torch::Tensor> out{distinct};
+  const int32_t* S = slot.data();  // this thread's table, read by the pool's threads
+  for (const auto& ids : parts) {
+    auto inverse = torch::empty(ids.sizes(), options);
+    int64_t* inv = inverse.data_ptr<int64_t>();
+    const Id* I = ids.data_ptr<Id>();
+    at::parallel_for(0, ids.numel(), 1 << 14, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) inv[p] = S[I[p]];
+    });
+    out.push_back(inverse);
+  }
+  return out;
 }
 
-// int64 or int32 ids (the batches' own width: no conversion pass); int64 results.
-std::vector<torch::Tensor> dedup_ids(const torch::Tensor& ids, int64_t vocab, int64_t include) {
-  TORCH_CHECK((ids.scalar_type() == torch::kLong || ids.scalar_type() == torch::kInt) &&
-                  ids.is_contiguous(),
-              "dedup_ids: ids must be a contiguous int64 or int32 tensor");
-  if (ids.scalar_type() == torch::kInt) return dedup_ids_of<int32_t>(ids, vocab, include);
-  return dedup_ids_of<int64_t>(ids, vocab, include);
+// {distinct ids of all parts, then each part's inverse}: the history and the targets of a
+// batch share their rows without being concatenated first. int64 or int32 ids (the batches'
+// own width: no conversion pass), all parts alike; int64 results.
+std::vector<torch::Tensor> dedup_ids(const std::vector<torch::Tensor>& parts, int64_t vocab,
+                                     int64_t include) {
+  TORCH_CHECK(!parts.empty(), "dedup_ids: no ids");
+  const auto type = parts[0].scalar_type();
+  for (const auto& ids : parts)
+    TORCH_CHECK((type == torch::kLong || type == torch::kInt) && ids.scalar_type() == type &&
+                    ids.is_contiguous(),
+                "dedup_ids: ids must be contiguous int64 or int32 tensors, all alike");
+  if (type == torch::kInt) return dedup_ids_of<int32_t>(parts, vocab, include);
+  return dedup_ids_of<int64_t>(parts, vocab, include);
 }
 
 // weight[ids] for a table's rows [V, d] (float32, contiguous) at int64 ids [N]: index_select,
