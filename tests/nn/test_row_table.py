@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from longrec.nn.embedding import RowTable, gather_rows
+from longrec.nn.embedding import RowTable, gather_rows, rows_and_picks
 
 
 def test_values_and_gradients_equal_nn_embedding():
@@ -46,22 +46,28 @@ def test_sparse_distinct_lookup_gives_nn_embeddings_gradient_without_the_padding
     assert ours.weight.grad.to_dense()[0].abs().sum() == 0
 
 
-@pytest.mark.parametrize("with_dense_use", [True, False])
-def test_sparse_gradient_gathers_give_the_rows_the_dense_gradient(with_dense_use):
-    """gather_rows(..., sparse_grad=True) (the targets among a batch's distinct rows): added
-    in place into the history's dense gradient of the rows, or alone; through a dense or a
-    sparse table's distinct lookup, the table's gradient is the dense gather's."""
+@pytest.mark.parametrize("rows_used", ["kernel", "gather", "not"])
+def test_rows_and_picks_give_the_rows_the_gathers_gradient(rows_used):
+    """rows_and_picks (the targets among a batch's distinct rows) adds the picks' gradient
+    into the rows' own in place; through a dense or a sparse table's distinct lookup, the
+    table's gradient is that of two separate gathers."""
     ids = torch.tensor([0, 2, 5, 9])  # distinct, padding first
-    picks = torch.tensor([[1, 3], [3, 3]])  # repeats: summed
+    picks_at = torch.tensor([[1, 3], [3, 3]])  # repeats: summed
     w_hist, w_tgt = torch.randn(4, 6), torch.randn(2, 2, 6)
     grads = []
-    for sparse_grad, sparse_table in ((False, False), (True, False), (True, True)):
+    for fused, sparse_table in ((False, False), (True, False), (True, True)):
         torch.manual_seed(0)
         table = RowTable(10, 6, padding_idx=0, sparse=sparse_table)
         rows = table(ids, distinct=True)
-        loss = (gather_rows(rows, picks, sparse_grad=sparse_grad) * w_tgt).sum()
-        if with_dense_use:
-            loss = loss + (rows * w_hist).sum()
+        if fused:
+            rows, picks = rows_and_picks(rows, picks_at)
+        else:
+            picks = gather_rows(rows, picks_at)
+        loss = (picks * w_tgt).sum()
+        if rows_used == "kernel":  # a custom backward's fresh gradient, like the search's
+            loss = loss + (rows.exp() * w_hist).sum()
+        elif rows_used == "gather":
+            loss = loss + (gather_rows(rows, torch.tensor([3, 1])) * w_hist[:2]).sum()
         loss.backward()
         grads.append(table.weight.grad.to_dense())
     torch.testing.assert_close(grads[1], grads[0])

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from longrec.data.batch import Batch
 from longrec.nn import row_kernels
-from longrec.nn.embedding import RowTable, gather_rows
+from longrec.nn.embedding import RowTable, gather_rows, rows_and_picks
 from longrec.nn.temporal import relative_positions
 
 ROLES = ("attn_hist", "attn_tgt", "repr_hist", "repr_tgt")
@@ -62,6 +62,7 @@ class HistoryField:
     gathered: Tensor | None = None  # [B, L, d] when already gathered (Towers.keys_and_values)
     fused: bool = False  # read rows straight from `rows` with nn.row_kernels where possible
     target_inverse: Tensor | None = None  # the targets' ids in `rows` (training only)
+    target_rows: Tensor | None = None  # rows[target_inverse] (nn.embedding.rows_and_picks)
 
     def uses_kernels(self, x: Tensor) -> bool:
         """Whether dot / weighted_sum run the row kernels for this per-target tensor."""
@@ -211,8 +212,18 @@ class EmbeddingSet(nn.Module):
             vmask = (batch.history[f] != 0) if f in self.multi else None
             rows = self.tables[f](uniq, distinct=True)
             target_inverse = target_inverse[0] if target_inverse else None
+            picks = None
+            if target_inverse is not None:  # the targets' rows, gradient added in place
+                rows, picks = rows_and_picks(rows, target_inverse)
             fields.append(
-                HistoryField(rows, inverse, vmask, fused=self.fused, target_inverse=target_inverse)
+                HistoryField(
+                    rows,
+                    inverse,
+                    vmask,
+                    fused=self.fused,
+                    target_inverse=target_inverse,
+                    target_rows=picks,
+                )
             )
         return HistoryEmbedding(
             fields, self.positions(batch.history_len, batch.history_mask.device)
@@ -227,7 +238,7 @@ class EmbeddingSet(nn.Module):
             ids = batch.target[f]
             if history is not None:
                 hf = history.fields[i]
-                e = gather_rows(hf.rows, hf.target_inverse, sparse_grad=True)
+                e = hf.target_rows
             else:
                 e = self.tables[f](ids)
             if f in self.multi:

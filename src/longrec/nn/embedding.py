@@ -75,35 +75,21 @@ def zero_padding_rows(module: nn.Module) -> None:
 
 class _GatherRows(torch.autograd.Function):
     """rows[index] whose backward accumulates with index_add_ (a linear pass) instead of the
-    sort-based accumulate of index_put_, which dominated the step time of long histories.
-    With `sparse_grad` the gradient is a sparse [U, d] tensor instead: for a few rows of many
-    (the targets among a batch's distinct rows), autograd then adds it in place into the
-    dense gradient the history gives the same rows, an index_add of the few, instead of a
-    zero-filled second [U, d] tensor and a full add (15 ms a step at 6.2M items)."""
+    sort-based accumulate of index_put_, which dominated the step time of long histories."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, index: Tensor, sparse_grad: bool) -> Tensor:
+    def forward(ctx, rows: Tensor, index: Tensor) -> Tensor:
         ctx.save_for_backward(index)
-        ctx.n_rows, ctx.sparse_grad = rows.shape[0], sparse_grad
+        ctx.n_rows = rows.shape[0]
         return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
         d = grad.shape[-1]
-        flat = grad.reshape(-1, d).contiguous()
-        if ctx.sparse_grad:
-            size = (ctx.n_rows, d)
-            out = torch.sparse_coo_tensor(index.reshape(1, -1), flat, size, check_invariants=False)
-            return out, None, None
         out = grad.new_zeros(ctx.n_rows, d)
-        out.index_add_(0, index.reshape(-1), flat)
-        return out, None, None
-
-
-def _dense(grad: Tensor) -> Tensor:
-    """The rows' gradient is sparse when only sparse-gradient gathers used them (gather_rows)."""
-    return grad.to_dense() if grad.is_sparse else grad
+        out.index_add_(0, index.reshape(-1), grad.reshape(-1, d).contiguous())
+        return out, None
 
 
 def _lookup_forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -> Tensor:
@@ -133,7 +119,7 @@ class _LookupRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
         # a contiguous source: index_add_ takes a slow per-row path for strided ones (6x here)
-        flat = _dense(grad).reshape(-1, ctx.shape[1]).contiguous()
+        flat = grad.reshape(-1, ctx.shape[1]).contiguous()
         if ctx.distinct and row_kernels.applicable(flat):
             out = row_kernels.scatter_distinct_rows(ids.reshape(-1), flat, ctx.shape[0])
         else:
@@ -159,7 +145,7 @@ class _LookupDistinctRowsSparse(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
         flat_ids = ids.reshape(1, -1)
-        values = _dense(grad).reshape(-1, ctx.shape[1]).contiguous()
+        values = grad.reshape(-1, ctx.shape[1]).contiguous()
         pad = ctx.padding_idx
         if pad is not None and flat_ids.shape[1] and flat_ids[0, 0].item() == pad:
             flat_ids, values = flat_ids[:, 1:], values[1:]
@@ -198,9 +184,40 @@ class RowTable(nn.Embedding):
         return _LookupRows.apply(self.weight, ids, self.padding_idx, distinct)
 
 
-def gather_rows(rows: Tensor, index: Tensor, sparse_grad: bool = False) -> Tensor:
-    """rows [U, d] at index (any shape) -> [*index.shape, d], with a fast backward
-    (`sparse_grad`: a sparse one, for an index that picks few of the rows)."""
+class _RowsAndPicks(torch.autograd.Function):
+    """(rows, rows[index]) whose backward adds the picks' gradient into the rows' one in place,
+    an index_add of the few picked rows: the targets among a batch's distinct rows. As a
+    separate gather, the picks' gradient was a zero-filled [U, d] tensor plus a full add
+    (15 ms a step at 6.2M items); as a sparse one, autograd added it out of place, copying the
+    [U, d] gradient, whenever it arrived first."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor):
+        ctx.save_for_backward(index)
+        picks = rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+        return rows.view_as(rows), picks
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor, grad_picks: Tensor):
+        (index,) = ctx.saved_tensors
+        d = grad_picks.shape[-1]
+        picks = grad_picks.reshape(-1, d)
+        if grad_rows._base is not None or not grad_rows.is_contiguous():
+            return grad_rows.index_add(0, index.reshape(-1), picks), None
+        # not a view: the rows' consumers' own fresh gradient (the search kernel's, or the
+        # gathers'), which nothing else reads, so it takes the picks' gradient in place
+        return grad_rows.index_add_(0, index.reshape(-1), picks), None
+
+
+def rows_and_picks(rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, rows[index]) for a batch's distinct rows and the targets among them."""
+    if not rows.requires_grad:
+        return rows, rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+    return _RowsAndPicks.apply(rows, index)
+
+
+def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
+    """rows [U, d] at index (any shape) -> [*index.shape, d], with a fast backward."""
     if not rows.requires_grad:
         return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
-    return _GatherRows.apply(rows, index, sparse_grad)
+    return _GatherRows.apply(rows, index)
