@@ -49,7 +49,7 @@ def main() -> None:
     env_keys = {k for _, env in arms for k in env}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = []
-        for i, (sets, env) in enumerate(arms):
+        for i, (sets, _env) in enumerate(arms):
             cfg = resolve(
                 None,
                 [*BASE, "train.progress=false", *sets],

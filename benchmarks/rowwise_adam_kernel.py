@@ -29,8 +29,8 @@ def main(vocab: int = 6_200_000, touched: int = 290_000, calls: int = 15) -> flo
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        row_kernels.rowwise_adam_(
-            param, exp_avg, exp_avg_sq, ids, grad, 1e-3, 0.9, 0.999, 1e-8, 0.5, 0.5
+        row_kernels.adam_rows_(
+            param, exp_avg, exp_avg_sq, ids, grad, 1e-3, (0.9, 0.999), 1e-8, 1, lazy=True
         )
         times.append(time.perf_counter() - start)
     return min(times) * 1e3

@@ -82,11 +82,11 @@ def test_cpp_path_refuses_out_of_range_rows_and_stays_usable():
     table = nn.Parameter(torch.zeros(10, 4))
     state = [torch.zeros(10, 4), torch.zeros(10, 4)]
     with pytest.raises(RuntimeError, match="outside"):
-        row_kernels.rowwise_adam_(
-            table, *state, torch.tensor([3, 10]), torch.ones(2, 4), 0.1, 0.9, 0.9, 1e-8, 0.1, 0.1
+        row_kernels.adam_rows_(
+            table, *state, torch.tensor([3, 10]), torch.ones(2, 4), 0.1, (0.9, 0.9), 1e-8, 1, True
         )
     with torch.no_grad():
-        row_kernels.rowwise_adam_(
-            table, *state, torch.tensor([3, 3]), torch.ones(2, 4), 0.1, 0.9, 0.9, 1e-8, 0.1, 0.1
+        row_kernels.adam_rows_(
+            table, *state, torch.tensor([3, 3]), torch.ones(2, 4), 0.1, (0.9, 0.9), 1e-8, 1, True
         )
     assert torch.count_nonzero(table.detach().sum(1)).item() == 1  # only row 3 moved

@@ -126,62 +126,24 @@ def scatter_distinct_rows(ids: Tensor, grad: Tensor, vocab: int) -> Tensor:
     return _extension().scatter_distinct_rows(ids.contiguous().long(), grad.contiguous(), vocab)
 
 
-def rowwise_adam_(
+def adam_rows_(
     param: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     ids: Tensor,
     grad: Tensor,
     lr: float,
-    beta1: float,
-    beta2: float,
+    betas: tuple[float, float],
     eps: float,
-    bias1: float,
-    bias2: float,
+    step: float,
+    lazy: bool,
 ) -> None:
-    """Lazy Adam on the rows of a sparse gradient (ids [N], grad [N, d]; ids may repeat, in any
-    order: repeats are summed), in place, one pass over the distinct rows."""
-    _extension().rowwise_adam_(
-        param,
-        exp_avg,
-        exp_avg_sq,
-        ids.contiguous().long(),
-        grad.contiguous(),
-        lr,
-        beta1,
-        beta2,
-        eps,
-        bias1,
-        bias2,
-    )
-
-
-def sparse_grad_adam_(
-    param: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    ids: Tensor,
-    grad: Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    bias1: float,
-    bias2: float,
-) -> None:
-    """torch.optim.Adam's update of every row from a sparse gradient (ids [N], grad [N, d];
-    ids may repeat, in any order: repeats are summed; absent rows have a zero gradient), in
-    place, one pass over the table."""
-    _extension().sparse_grad_adam_(
-        param,
-        exp_avg,
-        exp_avg_sq,
-        ids.contiguous().long(),
-        grad.contiguous(),
-        lr,
-        beta1,
-        beta2,
-        eps,
-        bias1,
-        bias2,
-    )
+    """Adam on a table [V, d] from a sparse gradient (ids [N], grad [N, d]; ids may repeat, in
+    any order: repeats are summed), in place, at optimiser step `step` (bias correction).
+    `lazy`: only the rows in the gradient move (train/rowwise_adam.py, one pass over them);
+    else every row, absent ones with a zero gradient: torch.optim.Adam's update
+    (train/table_adam.py, one pass over the table)."""
+    b1, b2 = betas
+    kernel = _extension().rowwise_adam_ if lazy else _extension().sparse_grad_adam_
+    ids, grad = ids.contiguous().long(), grad.contiguous()
+    kernel(param, exp_avg, exp_avg_sq, ids, grad, lr, b1, b2, eps, 1 - b1**step, 1 - b2**step)

@@ -34,6 +34,23 @@ def _distinct_rows(grad: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     return uniq, summed
 
 
+def update_rows(p: Tensor, state: dict, group: dict, ids: Tensor, values: Tensor, lazy: bool):
+    """One C++ Adam pass (nn.row_kernels.adam_rows_) on table p from a sparse gradient, with
+    the optimiser's state (exp_avg, exp_avg_sq, step already counted) and settings."""
+    row_kernels.adam_rows_(
+        p,
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        ids,
+        values,
+        group["lr"],
+        group["betas"],
+        group["eps"],
+        float(state["step"]),
+        lazy,
+    )
+
+
 def _fused(p: Tensor, grad: Tensor, state: dict) -> bool:
     tensors = (p, state["exp_avg"], state["exp_avg_sq"])
     return row_kernels.applicable(*tensors, grad) and all(t.is_contiguous() for t in tensors)
@@ -67,19 +84,7 @@ class RowwiseAdam(torch.optim.Optimizer):
                         ids, values = p.grad._indices()[0], p.grad._values()
                     else:
                         ids, values = torch.arange(p.shape[0]), p.grad
-                    row_kernels.rowwise_adam_(
-                        p,
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        ids,
-                        values,
-                        group["lr"],
-                        b1,
-                        b2,
-                        group["eps"],
-                        1 - b1**t,
-                        1 - b2**t,
-                    )
+                    update_rows(p, state, group, ids, values, lazy=True)
                     continue
                 rows, g = _distinct_rows(p.grad, p.shape[0])
                 m = state["exp_avg"].index_select(0, rows).mul_(b1).add_(g, alpha=1 - b1)

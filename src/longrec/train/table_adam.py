@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from longrec.nn import row_kernels
 from longrec.nn.embedding import RowTable
+from longrec.train.rowwise_adam import update_rows
 
 
 class TableAdam(torch.optim.Adam):
@@ -69,21 +70,8 @@ class TableAdam(torch.optim.Adam):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
-        t = float(state["step"])
-        b1, b2 = group["betas"]
-        row_kernels.sparse_grad_adam_(
-            p,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            grad._indices()[0],
-            grad._values(),
-            group["lr"],
-            b1,
-            b2,
-            group["eps"],
-            1 - b1**t,
-            1 - b2**t,
-        )
+        ids, values = grad._indices()[0], grad._values()
+        update_rows(p, state, group, ids, values, lazy=False)
 
 
 def use_sparse_table_grads(model: nn.Module) -> int:
