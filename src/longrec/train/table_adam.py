@@ -25,9 +25,6 @@ from longrec.train.rowwise_adam import update_rows
 
 
 class TableAdam(torch.optim.Adam):
-    def __init__(self, params, lr: float = 1e-3, **kwargs):
-        super().__init__(params, lr=lr, **kwargs)
-
     def _kernel_ok(self, p: Tensor, group: dict) -> bool:
         plain = not (group["weight_decay"] or group["amsgrad"] or group["maximize"])
         return (
