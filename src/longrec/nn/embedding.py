@@ -73,6 +73,11 @@ def zero_padding_rows(module: nn.Module) -> None:
                 m.weight[m.padding_idx].zero_()
 
 
+def _take(rows: Tensor, index: Tensor) -> Tensor:
+    """rows [U, d] at index (any shape) -> [*index.shape, d]."""
+    return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+
+
 class _GatherRows(torch.autograd.Function):
     """rows[index] whose backward accumulates with index_add_ (a linear pass) instead of the
     sort-based accumulate of index_put_, which dominated the step time of long histories."""
@@ -81,7 +86,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, rows: Tensor, index: Tensor) -> Tensor:
         ctx.save_for_backward(index)
         ctx.n_rows = rows.shape[0]
-        return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+        return _take(rows, index)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -100,7 +105,7 @@ def _lookup_forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -
     if flat.numel() > 4096 and weight.is_contiguous() and row_kernels.applicable(weight):
         # prefetched rows: 4% of a DARE step at 6.2M items (index_select: 4-6 ms a lookup)
         return row_kernels.lookup_rows(weight, flat).view(*ids.shape, weight.shape[1])
-    return weight.index_select(0, flat).view(*ids.shape, weight.shape[1])
+    return _take(weight, ids)
 
 
 class _LookupRows(torch.autograd.Function):
@@ -194,7 +199,7 @@ class _RowsAndPicks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, index: Tensor):
         ctx.save_for_backward(index)
-        picks = rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+        picks = _take(rows, index)
         return rows.view_as(rows), picks
 
     @staticmethod
@@ -212,12 +217,12 @@ class _RowsAndPicks(torch.autograd.Function):
 def rows_and_picks(rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, rows[index]) for a batch's distinct rows and the targets among them."""
     if not rows.requires_grad:
-        return rows, rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+        return rows, _take(rows, index)
     return _RowsAndPicks.apply(rows, index)
 
 
 def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
     """rows [U, d] at index (any shape) -> [*index.shape, d], with a fast backward."""
     if not rows.requires_grad:
-        return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+        return _take(rows, index)
     return _GatherRows.apply(rows, index)

@@ -17,6 +17,44 @@ inline void check_ids(const Id* ids, int64_t n, int64_t rows, const std::string&
   TORCH_CHECK(bad == 0, what, ": ", bad, " ids outside [0, ", rows, ")");
 }
 
+// A bitmap and a slot table over ids [0, vocab) that persist per thread, so that a call costs
+// O(ids + vocab / 64) rather than an O(vocab) allocation and fill (25 MB at 6.2M items).
+// Callers set bits, then drain(): the set ids in increasing order, the bitmap left clear.
+// Ids must be checked first (check_ids): a call that stops half-way would leave bits set.
+class IdBitmap {
+ public:
+  static IdBitmap& for_thread(int64_t vocab) {
+    static thread_local IdBitmap map;
+    map.words_ = (vocab + 63) / 64;
+    if (static_cast<int64_t>(map.bits_.size()) < map.words_) map.bits_.resize(map.words_, 0);
+    if (static_cast<int64_t>(map.slot_.size()) < vocab) map.slot_.resize(vocab);
+    return map;
+  }
+  void set(int64_t id) { bits_[id >> 6] |= uint64_t{1} << (id & 63); }
+  bool test_and_set(int64_t id) {  // whether id was set already
+    uint64_t& word = bits_[id >> 6];
+    const uint64_t bit = uint64_t{1} << (id & 63);
+    const bool was = word & bit;
+    word |= bit;
+    return was;
+  }
+  int32_t* slots() { return slot_.data(); }  // one int32 per id, for the caller's use
+  template <typename Visit>
+  void drain(Visit&& visit) {
+    for (int64_t w = 0; w < words_; ++w) {
+      uint64_t word = bits_[w];
+      if (!word) continue;
+      bits_[w] = 0;
+      for (; word; word &= word - 1) visit(w * 64 + __builtin_ctzll(word));
+    }
+  }
+
+ private:
+  std::vector<uint64_t> bits_;
+  std::vector<int32_t> slot_;
+  int64_t words_ = 0;
+};
+
 std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
                                          const std::vector<torch::Tensor>& repr,
                                          const std::vector<torch::Tensor>& index,
