@@ -41,12 +41,6 @@ struct Field {
   bool index32;  // int32 ids: inference indexes the tables with the batch's ids as they come
 };
 
-inline int64_t row_at(const Field& f, int64_t b, int64_t l, int64_t L) {
-  if (!f.index) return l;
-  const int64_t p = b * L + l;
-  return f.index32 ? static_cast<const int32_t*>(f.index)[p] : static_cast<const int64_t*>(f.index)[p];
-}
-
 // Lane-wise accumulation: sum_f <x_f, y_f> over several fields is one horizontal sum.
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -162,19 +156,6 @@ inline void prefetch(const float* base, int64_t u, int64_t stride, bool write = 
     asm volatile("prefetcht0 %0" : : "m"(*row));
 }
 
-// Field f's rows at behaviour l + kAhead: its attention and/or representation row, and the
-// same rows of gradient buffers [U, d] (null: not wanted). A pass that is followed by another
-// over the same user prefetches for both, so the second finds its rows in L1/L2.
-inline void prefetch_ahead(const Field& f, int64_t b, int64_t l, int64_t L, bool attn,
-                           bool repr, float* grad_attn = nullptr, float* grad_repr = nullptr) {
-  if (f.index == nullptr || l + kAhead >= L) return;
-  const int64_t u = row_at(f, b, l + kAhead, L);
-  if (attn) prefetch(f.A, u, f.sa);
-  if (repr) prefetch(f.R, u, f.sr);
-  if (grad_attn) prefetch(grad_attn, u, f.da, true);
-  if (grad_repr) prefetch(grad_repr, u, f.dr, true);
-}
-
 // Row widths: W = 0 reads them from the field, W > 0 is every field's width as a constant,
 // which lets the compiler unroll the vector helpers (DARE's widths are all 16).
 template <int64_t W>
@@ -225,7 +206,7 @@ int64_t select_top(const float* s, const bool* mk, int64_t L, int64_t k, uint32_
   uint32_t t = 0;  // the largest key with at least k keys at or above it
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t c = t | (1u << bit);
-    int64_t count = 0;
+    int32_t count = 0;  // 32-bit: 16 lanes a vector
     for (int64_t l = 0; l < L; ++l) count += keys[l] >= c;
     if (count >= k) t = c;
   }
@@ -235,6 +216,181 @@ int64_t select_top(const float* s, const bool* mk, int64_t L, int64_t k, uint32_
   for (int64_t l = 0; l < L && j < k; ++l)
     if (keys[l] > t || (keys[l] == t && ties-- > 0)) out[j++] = l;
   return j;
+}
+
+
+// The row of every behaviour of user b, field by field: ids[f * L + l] (l itself for a field
+// without index).
+inline void user_row_ids(const std::vector<Field>& fs, int64_t b, int64_t L, int64_t* ids) {
+  for (const auto& f : fs) {
+    if (!f.index) {
+      for (int64_t l = 0; l < L; ++l) ids[l] = l;
+    } else if (f.index32) {
+      const int32_t* I = static_cast<const int32_t*>(f.index) + b * L;
+      for (int64_t l = 0; l < L; ++l) ids[l] = I[l];
+    } else {
+      std::memcpy(ids, static_cast<const int64_t*>(f.index) + b * L, sizeof(int64_t) * L);
+    }
+    ids += L;
+  }
+}
+
+// The rows of the next user, one per behaviour of the current one: a whole user's work ahead
+// of their use (a distance of a few behaviours left many row loads waiting on memory).
+inline void prefetch_next(const float* base, int64_t stride, const int64_t* next, int64_t l,
+                          bool write = false) {
+  if (next) prefetch(base, next[l], stride, write);
+}
+
+#if defined(__AVX512F__)
+// The sums of 16 vectors, v[i] into lane (i % 4) * 4 + i / 4: a transposed reduction, about
+// three instructions a vector against eight for a horizontal sum each.
+inline __m512 sum16(const __m512* v) {
+  __m512 c[8], e[4], r[2];
+  for (int i = 0; i < 8; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    r[i] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0x88),
+                         _mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], 0x88), _mm512_shuffle_ps(r[0], r[1], 0xDD));
+}
+// exp(x) lane-wise (Cephes' expf polynomial, ~1 ulp); -inf and very negative x give 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+inline __mmask16 real16(const bool* mk, int64_t n) {  // mask bytes as lanes, n <= 16 of them
+  const __m128i bytes = _mm_maskz_loadu_epi8(lanes(n), mk);
+  return _mm_test_epi8_mask(bytes, bytes);
+}
+#endif
+
+// out[l] += <q, row(l)> for l in [0, L), prefetching the next user's rows.
+template <int64_t W>
+inline void add_dots(const float* q, const float* base, int64_t stride, const int64_t* ids,
+                     const int64_t* next, int64_t L, int64_t d, float* out) {
+  int64_t l = 0;
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+    const __m512 qv = _mm512_loadu_ps(q);
+    for (; l + 16 <= L; l += 16) {
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i) {
+        prefetch_next(base, stride, next, l + i);
+        v[i] = _mm512_mul_ps(qv, _mm512_loadu_ps(base + ids[l + (i % 4) * 4 + i / 4] * stride));
+      }
+      _mm512_storeu_ps(out + l, _mm512_add_ps(_mm512_loadu_ps(out + l), sum16(v)));
+    }
+  }
+#endif
+  for (; l < L; ++l) {
+    prefetch_next(base, stride, next, l);
+    out[l] += hsum(fma_acc(vzero(), q, base + ids[l] * stride, d));
+  }
+}
+
+// out += sum over real behaviours of w[l] row(l), prefetching the next user's rows.
+template <int64_t W>
+inline void add_pooled(const float* w, const bool* mk, const float* base, int64_t stride,
+                       const int64_t* ids, const int64_t* next, int64_t L, int64_t d,
+                       float* out) {
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+    __m512 acc[2] = {_mm512_loadu_ps(out), _mm512_setzero_ps()};
+    for (int64_t l = 0; l < L; ++l) {
+      prefetch_next(base, stride, next, l);
+      if (mk[l])
+        acc[l & 1] = _mm512_fmadd_ps(_mm512_set1_ps(w[l]),
+                                     _mm512_loadu_ps(base + ids[l] * stride), acc[l & 1]);
+    }
+    _mm512_storeu_ps(out, _mm512_add_ps(acc[0], acc[1]));
+    return;
+  }
+#endif
+  for (int64_t l = 0; l < L; ++l) {
+    prefetch_next(base, stride, next, l);
+    if (mk[l]) axpy(out, w[l], base + ids[l] * stride, d);
+  }
+}
+
+// w[l] = exp(s[l] - mx) for real behaviours, 0 for padding; returns their sum.
+inline float masked_exp(const float* s, const bool* mk, float mx, int64_t L, float* w) {
+  int64_t l = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 mxv = _mm512_set1_ps(mx);
+  for (; l < L; l += 16) {
+    const int64_t n = std::min<int64_t>(16, L - l);
+    const __mmask16 real = real16(mk + l, n);
+    const __m512 e = _mm512_maskz_mov_ps(
+        real, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes(n), s + l), mxv)));
+    _mm512_mask_storeu_ps(w + l, lanes(n), e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; l < L; ++l) total += (w[l] = mk[l] ? std::exp(s[l] - mx) : 0.f);
+  return total;
+}
+
+// grad row(l) += w[l] go over real behaviours (rows of width d, packed), prefetching the
+// next user's rows for writing.
+template <int64_t W>
+inline void add_outer(const float* w, const bool* mk, const float* go, float* grad,
+                      const int64_t* ids, const int64_t* next, int64_t L, int64_t d) {
+  for (int64_t l = 0; l < L; ++l) {
+    prefetch_next(grad, d, next, l, true);
+    if (mk[l]) axpy(grad + ids[l] * d, w[l], go, W ? W : d);
+  }
+}
+
+// The gradients of scores s[l] = scale <q, A row(l)> given d(s) = gs: into the rows'
+// gradient (packed, width d) and into gq, prefetching the next user's rows.
+template <int64_t W>
+inline void score_grads(const float* gs, const bool* mk, float scale, const float* q,
+                        const float* A, int64_t sa, float* grad, const int64_t* ids,
+                        const int64_t* next, int64_t L, int64_t d, float* gq) {
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+    const __m512 qv = _mm512_loadu_ps(q);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t l = 0; l < L; ++l) {
+      prefetch_next(A, sa, next, l);
+      prefetch_next(grad, 16, next, l, true);
+      if (!mk[l]) continue;
+      const __m512 c = _mm512_set1_ps(gs[l] * scale);
+      float* g = grad + ids[l] * 16;
+      _mm512_storeu_ps(g, _mm512_fmadd_ps(c, qv, _mm512_loadu_ps(g)));
+      acc = _mm512_fmadd_ps(c, _mm512_loadu_ps(A + ids[l] * sa), acc);
+    }
+    _mm512_storeu_ps(gq, _mm512_add_ps(_mm512_loadu_ps(gq), acc));
+    return;
+  }
+#endif
+  for (int64_t l = 0; l < L; ++l) {
+    prefetch_next(A, sa, next, l);
+    prefetch_next(grad, d, next, l, true);
+    if (!mk[l]) continue;
+    const float c = gs[l] * scale;
+    axpy(grad + ids[l] * d, c, q, d);
+    axpy(gq, c, A + ids[l] * sa, d);
+  }
 }
 
 }  // namespace
@@ -252,7 +408,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
                                          const torch::Tensor& mask, int64_t k, bool full) {
   const auto fs = fields_of(attn, repr, index, query, scale, mask, true);
   const int64_t B = mask.size(0), L = mask.size(1), M = query[0].size(1);
-  const int64_t K = std::min(k, L), D = pooled_width(fs);
+  const int64_t K = std::min(k, L), D = pooled_width(fs), F = fs.size();
   int64_t qw = 0;  // width of one target's scaled queries, all per-target fields
   for (const auto& f : fs) qw += f.shared ? 0 : f.da;
   const std::vector<float> bias = shared_bias(fs, L);
@@ -276,30 +432,29 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
     at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
       std::vector<float> s(M * L), qs(M * qw);
       std::vector<uint32_t> keys(L);
+      std::vector<int64_t> ids(F * L), next_ids(F * L);  // this user's and the next's rows
+      user_row_ids(fs, b0, L, ids.data());
       for (int64_t b = b0; b < b1; ++b) {
         const bool* mk = MK + b * L;
+        const bool ahead = b + 1 < b1;
+        if (ahead) user_row_ids(fs, b + 1, L, next_ids.data());
+        auto next_of = [&](int64_t f, int64_t m) -> const int64_t* {
+          return ahead && m == 0 && fs[f].index ? next_ids.data() + f * L : nullptr;
+        };
         for (int64_t m = 0, o = 0; m < M; ++m)  // scaled queries, fields side by side
           for (const auto& f : fs)
             if (!f.shared)
               for (int64_t j = 0; j < da_of<W>(f); ++j)
                 qs[o++] = f.scale * f.Q[(b * M + m) * da_of<W>(f) + j];
-        // scores of every behaviour against every target, each row read once
-        for (int64_t l = 0; l < L; ++l) {
-          for (const auto& f : fs) prefetch_ahead(f, b, l, L, true, full);
-          if (!mk[l]) {
-            for (int64_t m = 0; m < M; ++m) s[m * L + l] = neg_inf;
-            continue;
-          }
-          for (int64_t m = 0; m < M; ++m) {
-            Vec acc = vzero();
-            const float* q = qs.data() + m * qw;
-            for (const auto& f : fs) {
-              if (f.shared) continue;
-              acc = fma_acc(acc, q, f.A + row_at(f, b, l, L) * f.sa, da_of<W>(f));
-              q += da_of<W>(f);
-            }
-            s[m * L + l] = hsum(acc) + bias[l];
-          }
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t l = 0; l < L; ++l) s[m * L + l] = mk[l] ? bias[l] : neg_inf;
+        for (int64_t f = 0, qo = 0; f < F; ++f) {  // scores, field by field
+          const Field& fd = fs[f];
+          if (fd.shared) continue;
+          for (int64_t m = 0; m < M; ++m)
+            add_dots<W>(qs.data() + m * qw + qo, fd.A, fd.sa, ids.data() + f * L,
+                        next_of(f, m), L, da_of<W>(fd), s.data() + m * L);
+          qo += da_of<W>(fd);
         }
         for (int64_t m = 0; m < M; ++m) {
           const float* sm = s.data() + m * L;
@@ -308,9 +463,9 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           bool* va = VAL + bm * K;
           float* wt = WT + bm * K;
           const int64_t n = select_top(sm, mk, L, K, keys.data(), id);
-          for (const auto& f : fs)  // the selected rows, while the softmax is computed
-            for (int64_t j = 0; j < n; ++j)
-              if (f.index) prefetch(f.R, row_at(f, b, id[j], L), f.sr);
+          for (int64_t f = 0; f < F; ++f)  // the selected rows, while the softmax is computed
+            if (fs[f].index)
+              for (int64_t j = 0; j < n; ++j) prefetch(fs[f].R, ids[f * L + id[j]], fs[f].sr);
           float mx = neg_inf;
           for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sm[id[j]]);
           float total = 0.f;
@@ -319,31 +474,29 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           for (int64_t l = 0, j = n; j < K; ++l)  // padding positions as invalid filler
             if (!mk[l]) id[j] = l, va[j] = false, wt[j++] = 0.f;
           float* out = TOP + bm * D;
-          for (const auto& f : fs)
+          for (int64_t f = 0; f < F; ++f) {
+            const Field& fd = fs[f];
             for (int64_t j = 0; j < n; ++j)
-              axpy(out + f.off, wt[j], f.R + row_at(f, b, id[j], L) * f.sr, dr_of<W>(f));
+              axpy(out + fd.off, wt[j], fd.R + ids[f * L + id[j]] * fd.sr, dr_of<W>(fd));
+          }
           if (!full) continue;
           float* wa = WA + bm * L;
           if (n == 0) {
             std::fill(wa, wa + L, 0.f);
             continue;
           }
-          float sum = 0.f;
-          for (int64_t l = 0; l < L; ++l) sum += (wa[l] = mk[l] ? std::exp(sm[l] - mx) : 0.f);
-          const float inv = 1.f / sum;
+          const float inv = 1.f / masked_exp(sm, mk, mx, L, wa);
           for (int64_t l = 0; l < L; ++l) wa[l] *= inv;
         }
-        if (!full) continue;
-        // the auxiliary head's pooling over the whole history
-        for (int64_t l = 0; l < L; ++l) {
-          for (const auto& f : fs) prefetch_ahead(f, b, l, L, false, true);
-          if (!mk[l]) continue;
-          for (const auto& f : fs) {
-            const float* r = f.R + row_at(f, b, l, L) * f.sr;
-            for (int64_t m = 0; m < M; ++m)
-              axpy(ALL + (b * M + m) * D + f.off, WA[(b * M + m) * L + l], r, dr_of<W>(f));
-          }
-        }
+        if (full)  // the auxiliary head's pooling over the whole history
+          for (int64_t f = 0; f < F; ++f)
+            for (int64_t m = 0; m < M; ++m) {
+              const Field& fd = fs[f];
+              const int64_t bm = b * M + m;
+              add_pooled<W>(WA + bm * L, mk, fd.R, fd.sr, ids.data() + f * L, next_of(f, m), L,
+                            dr_of<W>(fd), ALL + bm * D + fd.off);
+            }
+        std::swap(ids, next_ids);
       }
     });
   });
@@ -413,6 +566,7 @@ std::vector<torch::Tensor> search_attend_backward(
     constexpr int64_t W = decltype(width)::value;
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> gs(M * L), gw(M * L), gwt(K);
+      std::vector<int64_t> ids(F * L), next_ids(F * L);  // this user's and the next's rows
       std::vector<float*> ga(F), gr(F);
       for (int64_t part = p0; part < p1; ++part) {
         for (int64_t f = 0; f < F; ++f) {
@@ -421,27 +575,27 @@ std::vector<torch::Tensor> search_attend_backward(
           std::memset(ga[f], 0, sizeof(float) * fs[f].rows * da_of<W>(fs[f]));
           std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
         }
-        for (int64_t b = B * part / parts; b < B * (part + 1) / parts; ++b) {
+        const int64_t b0 = B * part / parts, b1 = B * (part + 1) / parts;
+        if (b0 < b1) user_row_ids(fs, b0, L, ids.data());
+        for (int64_t b = b0; b < b1; ++b) {
           const bool* mk = MK + b * L;
+          const bool ahead = b + 1 < b1;
+          if (ahead) user_row_ids(fs, b + 1, L, next_ids.data());
+          auto next_of = [&](int64_t f, int64_t m) -> const int64_t* {
+            return ahead && m == 0 && fs[f].index ? next_ids.data() + f * L : nullptr;
+          };
           std::fill(gs.begin(), gs.end(), 0.f);
           if (full) {  // the whole-history pooling: representation gradients and d(weights)
-            for (int64_t l = 0; l < L; ++l) {
-              for (int64_t f = 0; f < F; ++f)
-                prefetch_ahead(fs[f], b, l, L, true, true, ga[f], gr[f]);
-              if (!mk[l]) continue;
+            std::fill(gw.begin(), gw.end(), 0.f);
+            for (int64_t f = 0; f < F; ++f)
               for (int64_t m = 0; m < M; ++m) {
-                const float* go = GA + (b * M + m) * D;
-                const float w = WA[(b * M + m) * L + l];
-                Vec acc = vzero();
-                for (int64_t f = 0; f < F; ++f) {
-                  const Field& fd = fs[f];
-                  const int64_t u = row_at(fd, b, l, L);
-                  acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
-                  axpy(gr[f] + u * dr_of<W>(fd), w, go + fd.off, dr_of<W>(fd));
-                }
-                gw[m * L + l] = hsum(acc);
+                const Field& fd = fs[f];
+                const int64_t bm = b * M + m;
+                const float* go = GA + bm * D + fd.off;
+                const int64_t* u = ids.data() + f * L;
+                add_dots<W>(go, fd.R, fd.sr, u, next_of(f, m), L, dr_of<W>(fd), gw.data() + m * L);
+                add_outer<W>(WA + bm * L, mk, go, gr[f], u, next_of(f, m), L, dr_of<W>(fd));
               }
-            }
             for (int64_t m = 0; m < M; ++m) {  // softmax backward
               const float* wa = WA + (b * M + m) * L;
               float c = 0.f;
@@ -459,7 +613,7 @@ std::vector<torch::Tensor> search_attend_backward(
             for (int64_t f = 0; f < F; ++f) {  // the selected rows and their gradient rows
               if (!fs[f].index) continue;
               for (int64_t j = 0; j < K; ++j) {
-                const int64_t u = row_at(fs[f], b, id[j], L);
+                const int64_t u = ids[f * L + id[j]];
                 prefetch(fs[f].R, u, fs[f].sr);
                 prefetch(gr[f], u, dr_of<W>(fs[f]), true);
               }
@@ -471,7 +625,7 @@ std::vector<torch::Tensor> search_attend_backward(
               Vec acc = vzero();
               for (int64_t f = 0; f < F; ++f) {
                 const Field& fd = fs[f];
-                const int64_t u = row_at(fd, b, id[j], L);
+                const int64_t u = ids[f * L + id[j]];
                 acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
                 axpy(gr[f] + u * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
               }
@@ -482,25 +636,23 @@ std::vector<torch::Tensor> search_attend_backward(
               if (wt[j] != 0.f) gs[m * L + id[j]] += wt[j] * (gwt[j] - c);
           }
           // scores: attention rows and queries
-          float* sg = shared_gs.data() + part * L;
-          for (int64_t l = 0; l < L; ++l) {
-            for (int64_t f = 0; f < F; ++f) prefetch_ahead(fs[f], b, l, L, true, false, ga[f]);
-            if (!mk[l]) continue;
-            if (any_shared)
-            for (int64_t m = 0; m < M; ++m) sg[l] += gs[m * L + l];
-            for (int64_t f = 0; f < F; ++f) {
-              const Field& fd = fs[f];
-              if (fd.shared) continue;
-              const int64_t u = row_at(fd, b, l, L);
-              const float* a = fd.A + u * fd.sa;
-              float* g = ga[f] + u * da_of<W>(fd);
-              for (int64_t m = 0; m < M; ++m) {
-                const float c = gs[m * L + l] * fd.scale;
-                axpy(g, c, fd.Q + (b * M + m) * da_of<W>(fd), da_of<W>(fd));
-                axpy(GQ[f] + (b * M + m) * da_of<W>(fd), c, a, da_of<W>(fd));
-              }
+          if (any_shared) {
+            float* sg = shared_gs.data() + part * L;
+            for (int64_t m = 0; m < M; ++m)
+              for (int64_t l = 0; l < L; ++l)
+                if (mk[l]) sg[l] += gs[m * L + l];
+          }
+          for (int64_t f = 0; f < F; ++f) {
+            const Field& fd = fs[f];
+            if (fd.shared) continue;
+            for (int64_t m = 0; m < M; ++m) {
+              const int64_t bm = b * M + m;
+              score_grads<W>(gs.data() + m * L, mk, fd.scale, fd.Q + bm * da_of<W>(fd), fd.A,
+                             fd.sa, ga[f], ids.data() + f * L, next_of(f, m), L, da_of<W>(fd),
+                             GQ[f] + bm * da_of<W>(fd));
             }
           }
+          std::swap(ids, next_ids);
         }
       }
     });
