@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from longrec.nn.prelu import PReLU
+
 
 def _broadcast(mask: Tensor, scores: Tensor) -> Tensor:
     """A history mask [B, L] as [B, 1, L] against scores [B, M, L]; a [B, M, L] one as is."""
@@ -62,7 +64,7 @@ class DinScore(nn.Module):
     def __init__(self, dim: int, hidden: int = 36):
         super().__init__()
         self.first = nn.Linear(4 * dim, hidden)
-        self.act = nn.PReLU(init=0.1)
+        self.act = PReLU(init=0.1)
         self.out = nn.Linear(hidden, 1)
         self.dim = dim
 

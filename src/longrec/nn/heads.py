@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from longrec.nn.prelu import PReLU
+
 
 class MLPHead(nn.Module):
     """DARE's head: BN -> Linear(200) -> PReLU(0.1) -> Linear(80) -> PReLU -> Linear(1).
@@ -34,7 +36,7 @@ class MLPHead(nn.Module):
         layers: list[nn.Module] = [nn.BatchNorm1d(in_dim)] if batch_norm else []
         prev = in_dim
         for width in hidden:
-            layers += [nn.Linear(prev, width), nn.PReLU(init=prelu_init)]
+            layers += [nn.Linear(prev, width), PReLU(init=prelu_init)]
             prev = width
         layers.append(nn.Linear(prev, 1))
         self.net = nn.Sequential(*layers)

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 log = logging.getLogger(__name__)
 SOURCES = [
     Path(__file__).with_name("csrc") / n
-    for n in ("row_kernels.cpp", "search_attention.cpp", "adam_rows.cpp")
+    for n in ("row_kernels.cpp", "search_attention.cpp", "adam_rows.cpp", "prelu.cpp")
 ]
 
 

@@ -67,6 +67,8 @@ std::vector<torch::Tensor> search_attend_backward(
     const std::vector<double>& scale, const torch::Tensor& mask, const torch::Tensor& idx,
     const torch::Tensor& w_top, const torch::Tensor& w_all, const torch::Tensor& grad_top,
     const torch::Tensor& grad_all);
+std::vector<torch::Tensor> prelu_backward(const torch::Tensor& x, const torch::Tensor& grad,
+                                          const torch::Tensor& weight);
 void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
                    const torch::Tensor& ids, const torch::Tensor& grad, double lr, double beta1,
                    double beta2, double eps, double bias1, double bias2);

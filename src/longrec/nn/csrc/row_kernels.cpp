@@ -287,6 +287,7 @@ torch::Tensor lookup_rows(const torch::Tensor& weight, const torch::Tensor& ids)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("search_attend", &search_attend, "soft top-k search and attention, one pass per user");
   m.def("search_attend_backward", &search_attend_backward, "its gradients");
+  m.def("prelu_backward", &prelu_backward, "one-weight PReLU's gradients in one pass");
   m.def("rowwise_adam_", &rowwise_adam_, "lazy Adam on a sparse gradient's rows, in place");
   m.def("sparse_grad_adam_", &sparse_grad_adam_, "Adam on every row from a sparse gradient");
   m.def("scatter_distinct_rows", &scatter_distinct_rows, "dense gradient of distinct rows");

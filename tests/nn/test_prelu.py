@@ -1,0 +1,40 @@
+"""The one-weight PReLU's C++ backward against nn.PReLU's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from longrec.nn import row_kernels
+from longrec.nn.prelu import PReLU
+
+pytestmark = pytest.mark.skipif(not row_kernels.available(), reason="needs the C++ extension")
+
+
+@pytest.mark.parametrize("shape", [(2048, 200), (7, 3), (3, 40, 36)])
+def test_gradients_match_nn_prelu(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x.view(-1)[::5] = 0.0  # the kink: x = 0 takes the weight's side in both
+    grad = torch.randn(shape)
+    ours, reference = PReLU(init=0.1), nn.PReLU(init=0.1)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), reference(xb)
+    torch.testing.assert_close(ya, yb)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_same_state_dict_and_fallbacks():
+    ours, reference = PReLU(init=0.1), nn.PReLU(init=0.1)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    several = PReLU(num_parameters=4, init=0.1)  # one weight per channel: PyTorch's path
+    x = torch.randn(5, 4, requires_grad=True)
+    several(x).sum().backward()
+    assert several.weight.grad.shape == (4,)
+    x16 = torch.randn(6, 3, dtype=torch.bfloat16, requires_grad=True)
+    PReLU(init=0.1).to(torch.bfloat16)(x16).sum().backward()
+    assert x16.grad is not None
