@@ -197,3 +197,29 @@ def test_int32_ids_index_like_int64_ones(width):
     index32[0][3, 4] = 25
     with pytest.raises(RuntimeError, match="1 ids outside"):
         search_attention.search_attend(attn, repr_, index32, query, scale, mask, 5, False)
+
+
+@pytest.mark.parametrize("width", [3, 16])
+def test_ties_at_the_kth_score_take_the_earliest_positions(width):
+    """select_top's early exit and its tie rule: equal rows give equal scores."""
+    rows = torch.zeros(5, width)
+    rows[1], rows[2], rows[3], rows[4] = 1.0, 2.0, 2.0, 3.0  # rows 2 and 3 tie
+    index = torch.tensor(
+        [
+            [0, 2, 1, 3, 2, 4, 1, 3, 0, 2, 1, 1],  # k-th score (2.0) shared by 4 positions
+            [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2],  # every score equal
+            [1, 4, 2, 1, 4, 1, 1, 1, 4, 1, 1, 1],  # exactly 3 above the rest: no tie
+        ]
+    )
+    mask = index != 0
+    mask[2, 0] = False
+    query = [torch.ones(3, 1, width)]
+    _, _, idx, valid = search_attention.search_attend(
+        [rows], [rows], [index], query, [1.0], mask, 3, False
+    )
+    for b in range(3):
+        scores = (rows[index[b]] @ query[0][b, 0]).tolist()
+        real = [p for p in range(12) if mask[b, p]]
+        expected = sorted(sorted(real, key=lambda p: (-scores[p], p))[:3])
+        assert idx[b, 0].tolist() == expected
+        assert valid[b, 0].all()

@@ -193,47 +193,79 @@ inline uint32_t order_key(float x) {
 // every other element (4 us per user here, against 0.3).
 int64_t select_top(const float* s, const bool* mk, int64_t L, int64_t k, uint32_t* keys,
                    int64_t* out) {
-  int64_t n = 0;
+  int32_t n = 0;
+  uint32_t lo = ~0u, hi = 0;  // the real keys' range
   for (int64_t l = 0; l < L; ++l) {
-    keys[l] = mk[l] ? order_key(s[l]) : 0u;
+    const uint32_t key = mk[l] ? order_key(s[l]) : 0u;
+    keys[l] = key;
     n += mk[l];
+    lo = std::min(lo, mk[l] ? key : ~0u);
+    hi = std::max(hi, key);
   }
   if (n <= k) {
     for (int64_t l = 0, j = 0; l < L; ++l)
       if (mk[l]) out[j++] = l;
     return n;
   }
-  uint32_t t = 0;  // the largest key with at least k keys at or above it
-  for (int bit = 31; bit >= 0; --bit) {
+  // The bits above the highest one where the real keys differ are every real key's: start
+  // below them. Stop as soon as exactly k keys are at or above the candidate (usually ~10
+  // bits down): those are the top k.
+  const int high = lo == hi ? -1 : 31 - __builtin_clz(lo ^ hi);
+  uint32_t t = high < 0 ? hi : high == 31 ? 0u : hi & ~((2u << high) - 1u);
+  bool exact = false;
+  for (int bit = high; bit >= 0 && !exact; --bit) {
     const uint32_t c = t | (1u << bit);
     int32_t count = 0;  // 32-bit: 16 lanes a vector
     for (int64_t l = 0; l < L; ++l) count += keys[l] >= c;
-    if (count >= k) t = c;
+    if (count >= k) t = c, exact = count == k;
   }
-  int64_t above = 0;
+  int64_t j = 0;
+  if (exact) {
+    for (int64_t l = 0; l < L; ++l)
+      if (keys[l] >= t) out[j++] = l;
+    return j;
+  }
+  int64_t above = 0;  // t is the k-th largest key: ties at it are taken earliest first
   for (int64_t l = 0; l < L; ++l) above += keys[l] > t;
-  int64_t j = 0, ties = k - above;
+  int64_t ties = k - above;
   for (int64_t l = 0; l < L && j < k; ++l)
     if (keys[l] > t || (keys[l] == t && ties-- > 0)) out[j++] = l;
   return j;
 }
 
-
-// The row of every behaviour of user b, field by field: ids[f * L + l] (l itself for a field
-// without index).
-inline void user_row_ids(const std::vector<Field>& fs, int64_t b, int64_t L, int64_t* ids) {
-  for (const auto& f : fs) {
-    if (!f.index) {
-      for (int64_t l = 0; l < L; ++l) ids[l] = l;
-    } else if (f.index32) {
-      const int32_t* I = static_cast<const int32_t*>(f.index) + b * L;
-      for (int64_t l = 0; l < L; ++l) ids[l] = I[l];
-    } else {
-      std::memcpy(ids, static_cast<const int64_t*>(f.index) + b * L, sizeof(int64_t) * L);
+// Every field's row for each behaviour of one user, ids[f][l]: int64 indices are read in
+// place, int32 ones converted into a buffer, and a field without index has row l.
+class UserIds {
+ public:
+  UserIds(const std::vector<Field>& fs, int64_t L)
+      : fs_(&fs), L_(L), buffer_(fs.size() * L), rows_(fs.size()) {
+    for (size_t f = 0; f < fs.size(); ++f) {
+      rows_[f] = buffer_.data() + f * L;
+      if (!fs[f].index)
+        for (int64_t l = 0; l < L; ++l) buffer_[f * L + l] = l;
     }
-    ids += L;
   }
-}
+  void load(int64_t b) {
+    for (size_t f = 0; f < fs_->size(); ++f) {
+      const Field& fd = (*fs_)[f];
+      if (!fd.index) continue;
+      if (!fd.index32) {
+        rows_[f] = static_cast<const int64_t*>(fd.index) + b * L_;
+        continue;
+      }
+      const int32_t* I = static_cast<const int32_t*>(fd.index) + b * L_;
+      int64_t* out = buffer_.data() + f * L_;
+      for (int64_t l = 0; l < L_; ++l) out[l] = I[l];
+    }
+  }
+  const int64_t* operator[](int64_t f) const { return rows_[f]; }
+
+ private:
+  const std::vector<Field>* fs_;
+  int64_t L_;
+  std::vector<int64_t> buffer_;
+  std::vector<const int64_t*> rows_;
+};
 
 // The rows of the next user, one per behaviour of the current one: a whole user's work ahead
 // of their use (a distance of a few behaviours left many row loads waiting on memory).
@@ -304,7 +336,7 @@ inline void add_dots(const float* q, const float* base, int64_t stride, const in
   }
 }
 
-// out += sum over real behaviours of w[l] row(l), prefetching the next user's rows.
+// out += sum_l w[l] row(l), prefetching the next user's rows (w[l] is 0 at padding).
 template <int64_t W>
 inline void add_pooled(const float* w, const bool* mk, const float* base, int64_t stride,
                        const int64_t* ids, const int64_t* next, int64_t L, int64_t d,
@@ -313,10 +345,9 @@ inline void add_pooled(const float* w, const bool* mk, const float* base, int64_
   if constexpr (W == 16) {
     __m512 acc[2] = {_mm512_loadu_ps(out), _mm512_setzero_ps()};
     for (int64_t l = 0; l < L; ++l) {
-      prefetch_next(base, stride, next, l);
-      if (mk[l])
-        acc[l & 1] = _mm512_fmadd_ps(_mm512_set1_ps(w[l]),
-                                     _mm512_loadu_ps(base + ids[l] * stride), acc[l & 1]);
+      prefetch_next(base, stride, next, l);  // padding weighs 0: no branch
+      acc[l & 1] = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), _mm512_loadu_ps(base + ids[l] * stride),
+                                   acc[l & 1]);
     }
     _mm512_storeu_ps(out, _mm512_add_ps(acc[0], acc[1]));
     return;
@@ -432,14 +463,14 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
     at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
       std::vector<float> s(M * L), qs(M * qw);
       std::vector<uint32_t> keys(L);
-      std::vector<int64_t> ids(F * L), next_ids(F * L);  // this user's and the next's rows
-      user_row_ids(fs, b0, L, ids.data());
+      UserIds ids(fs, L), next_ids(fs, L);  // this user's rows and the next's
+      ids.load(b0);
       for (int64_t b = b0; b < b1; ++b) {
         const bool* mk = MK + b * L;
         const bool ahead = b + 1 < b1;
-        if (ahead) user_row_ids(fs, b + 1, L, next_ids.data());
+        if (ahead) next_ids.load(b + 1);
         auto next_of = [&](int64_t f, int64_t m) -> const int64_t* {
-          return ahead && m == 0 && fs[f].index ? next_ids.data() + f * L : nullptr;
+          return ahead && m == 0 && fs[f].index ? next_ids[f] : nullptr;
         };
         for (int64_t m = 0, o = 0; m < M; ++m)  // scaled queries, fields side by side
           for (const auto& f : fs)
@@ -452,7 +483,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           const Field& fd = fs[f];
           if (fd.shared) continue;
           for (int64_t m = 0; m < M; ++m)
-            add_dots<W>(qs.data() + m * qw + qo, fd.A, fd.sa, ids.data() + f * L,
+            add_dots<W>(qs.data() + m * qw + qo, fd.A, fd.sa, ids[f],
                         next_of(f, m), L, da_of<W>(fd), s.data() + m * L);
           qo += da_of<W>(fd);
         }
@@ -465,7 +496,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           const int64_t n = select_top(sm, mk, L, K, keys.data(), id);
           for (int64_t f = 0; f < F; ++f)  // the selected rows, while the softmax is computed
             if (fs[f].index)
-              for (int64_t j = 0; j < n; ++j) prefetch(fs[f].R, ids[f * L + id[j]], fs[f].sr);
+              for (int64_t j = 0; j < n; ++j) prefetch(fs[f].R, ids[f][id[j]], fs[f].sr);
           float mx = neg_inf;
           for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sm[id[j]]);
           float total = 0.f;
@@ -477,7 +508,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
           for (int64_t f = 0; f < F; ++f) {
             const Field& fd = fs[f];
             for (int64_t j = 0; j < n; ++j)
-              axpy(out + fd.off, wt[j], fd.R + ids[f * L + id[j]] * fd.sr, dr_of<W>(fd));
+              axpy(out + fd.off, wt[j], fd.R + ids[f][id[j]] * fd.sr, dr_of<W>(fd));
           }
           if (!full) continue;
           float* wa = WA + bm * L;
@@ -493,7 +524,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
             for (int64_t m = 0; m < M; ++m) {
               const Field& fd = fs[f];
               const int64_t bm = b * M + m;
-              add_pooled<W>(WA + bm * L, mk, fd.R, fd.sr, ids.data() + f * L, next_of(f, m), L,
+              add_pooled<W>(WA + bm * L, mk, fd.R, fd.sr, ids[f], next_of(f, m), L,
                             dr_of<W>(fd), ALL + bm * D + fd.off);
             }
         std::swap(ids, next_ids);
@@ -535,11 +566,18 @@ std::vector<torch::Tensor> search_attend_backward(
   // A tensor, not a std::vector: PyTorch's allocator gives it huge pages (longrec/malloc.py);
   // with 4 KiB pages the random row updates miss the TLB (the backward took 1.5x longer).
   // Never freed: destroying a tensor at thread exit could run after PyTorch's teardown.
+  // The fold below leaves it zeroed for the next call (one pass over it instead of two);
+  // `scratch_zero` is false from here until then, so a call cut short leaves it to be zeroed.
   static thread_local auto* scratch_buffer = new torch::Tensor();
-  if (!scratch_buffer->defined() || scratch_buffer->numel() < (parts - 1) * per_part)
-    *scratch_buffer = torch::empty({std::max<int64_t>(1, (parts - 1) * per_part)},
+  static thread_local bool scratch_zero = false;
+  if (!scratch_buffer->defined() || scratch_buffer->numel() < (parts - 1) * per_part) {
+    *scratch_buffer = torch::zeros({std::max<int64_t>(1, (parts - 1) * per_part)},
                                    query[0].options());
+    scratch_zero = true;
+  }
   float* scratch = scratch_buffer->data_ptr<float>();
+  const bool zero_parts = !scratch_zero;  // whether parts 1.. must be zeroed first
+  scratch_zero = false;
   for (int64_t f = 0, offset = 0; f < F; ++f) {
     grad_a.push_back(torch::empty({fs[f].rows, fs[f].da}, query[f].options()));
     grad_r.push_back(torch::empty({fs[f].rows, fs[f].dr}, query[f].options()));
@@ -566,23 +604,24 @@ std::vector<torch::Tensor> search_attend_backward(
     constexpr int64_t W = decltype(width)::value;
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> gs(M * L), gw(M * L), gwt(K);
-      std::vector<int64_t> ids(F * L), next_ids(F * L);  // this user's and the next's rows
+      UserIds ids(fs, L), next_ids(fs, L);  // this user's rows and the next's
       std::vector<float*> ga(F), gr(F);
       for (int64_t part = p0; part < p1; ++part) {
         for (int64_t f = 0; f < F; ++f) {
           ga[f] = PA[part][f];
           gr[f] = PR[part][f];
+          if (part > 0 && !zero_parts) continue;
           std::memset(ga[f], 0, sizeof(float) * fs[f].rows * da_of<W>(fs[f]));
           std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
         }
         const int64_t b0 = B * part / parts, b1 = B * (part + 1) / parts;
-        if (b0 < b1) user_row_ids(fs, b0, L, ids.data());
+        if (b0 < b1) ids.load(b0);
         for (int64_t b = b0; b < b1; ++b) {
           const bool* mk = MK + b * L;
           const bool ahead = b + 1 < b1;
-          if (ahead) user_row_ids(fs, b + 1, L, next_ids.data());
+          if (ahead) next_ids.load(b + 1);
           auto next_of = [&](int64_t f, int64_t m) -> const int64_t* {
-            return ahead && m == 0 && fs[f].index ? next_ids.data() + f * L : nullptr;
+            return ahead && m == 0 && fs[f].index ? next_ids[f] : nullptr;
           };
           std::fill(gs.begin(), gs.end(), 0.f);
           if (full) {  // the whole-history pooling: representation gradients and d(weights)
@@ -592,7 +631,7 @@ std::vector<torch::Tensor> search_attend_backward(
                 const Field& fd = fs[f];
                 const int64_t bm = b * M + m;
                 const float* go = GA + bm * D + fd.off;
-                const int64_t* u = ids.data() + f * L;
+                const int64_t* u = ids[f];
                 add_dots<W>(go, fd.R, fd.sr, u, next_of(f, m), L, dr_of<W>(fd), gw.data() + m * L);
                 add_outer<W>(WA + bm * L, mk, go, gr[f], u, next_of(f, m), L, dr_of<W>(fd));
               }
@@ -613,7 +652,7 @@ std::vector<torch::Tensor> search_attend_backward(
             for (int64_t f = 0; f < F; ++f) {  // the selected rows and their gradient rows
               if (!fs[f].index) continue;
               for (int64_t j = 0; j < K; ++j) {
-                const int64_t u = ids[f * L + id[j]];
+                const int64_t u = ids[f][id[j]];
                 prefetch(fs[f].R, u, fs[f].sr);
                 prefetch(gr[f], u, dr_of<W>(fs[f]), true);
               }
@@ -625,7 +664,7 @@ std::vector<torch::Tensor> search_attend_backward(
               Vec acc = vzero();
               for (int64_t f = 0; f < F; ++f) {
                 const Field& fd = fs[f];
-                const int64_t u = ids[f * L + id[j]];
+                const int64_t u = ids[f][id[j]];
                 acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
                 axpy(gr[f] + u * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
               }
@@ -648,7 +687,7 @@ std::vector<torch::Tensor> search_attend_backward(
             for (int64_t m = 0; m < M; ++m) {
               const int64_t bm = b * M + m;
               score_grads<W>(gs.data() + m * L, mk, fd.scale, fd.Q + bm * da_of<W>(fd), fd.A,
-                             fd.sa, ga[f], ids.data() + f * L, next_of(f, m), L, da_of<W>(fd),
+                             fd.sa, ga[f], ids[f], next_of(f, m), L, da_of<W>(fd),
                              GQ[f] + bm * da_of<W>(fd));
             }
           }
@@ -671,18 +710,20 @@ std::vector<torch::Tensor> search_attend_backward(
       }
   }
   std::vector<torch::Tensor> out;
-  for (int64_t f = 0; f < F; ++f)  // fold parts 1.. into part 0, in part order: deterministic
+  // fold parts 1.. into part 0 in part order (deterministic), zeroing them for the next call
+  for (int64_t f = 0; f < F; ++f)
     for (auto* P : {&PA, &PR}) {
       const int64_t n = fs[f].rows * (P == &PA ? fs[f].da : fs[f].dr);
       at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
         float* dst = (*P)[0][f];
         for (int64_t part = 1; part < parts; ++part) {
-          const float* src = (*P)[part][f];
+          float* src = (*P)[part][f];
 #pragma omp simd
-          for (int64_t i = i0; i < i1; ++i) dst[i] += src[i];
+          for (int64_t i = i0; i < i1; ++i) dst[i] += src[i], src[i] = 0.f;
         }
       });
     }
+  scratch_zero = true;
   for (int64_t f = 0; f < F; ++f) out.push_back(grad_a[f]);
   for (int64_t f = 0; f < F; ++f) out.push_back(grad_r[f]);
   for (int64_t f = 0; f < F; ++f) out.push_back(grad_q[f]);
