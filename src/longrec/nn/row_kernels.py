@@ -28,7 +28,13 @@ from torch.autograd.function import once_differentiable
 log = logging.getLogger(__name__)
 SOURCES = [
     Path(__file__).with_name("csrc") / n
-    for n in ("row_kernels.cpp", "search_attention.cpp", "adam_rows.cpp", "prelu.cpp")
+    for n in (
+        "row_kernels.cpp",
+        "search_attention.cpp",
+        "search_attention_backward.cpp",
+        "adam_rows.cpp",
+        "prelu.cpp",
+    )
 ]
 
 
