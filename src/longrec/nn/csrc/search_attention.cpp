@@ -64,15 +64,8 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
     at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
       std::vector<float> s(M * L), qs(M * qw);
       std::vector<uint32_t> keys(L);
-      UserIds ids(fs, L), next_ids(fs, L);  // this user's rows and the next's
-      ids.load(b0);
-      for (int64_t b = b0; b < b1; ++b) {
+      for_each_user(fs, L, b0, b1, [&](int64_t b, const UserIds& ids, auto& next_of) {
         const bool* mk = MK + b * L;
-        const bool ahead = b + 1 < b1;
-        if (ahead) next_ids.load(b + 1);
-        auto next_of = [&](int64_t f, int64_t m) -> const int64_t* {
-          return ahead && m == 0 && fs[f].index ? next_ids[f] : nullptr;
-        };
         for (int64_t m = 0, o = 0; m < M; ++m)  // scaled queries, fields side by side
           for (const auto& f : fs)
             if (!f.shared)
@@ -128,8 +121,7 @@ std::vector<torch::Tensor> search_attend(const std::vector<torch::Tensor>& attn,
               add_pooled<W>(WA + bm * L, mk, fd.R, fd.sr, ids[f], next_of(f, m), L,
                             dr_of<W>(fd), ALL + bm * D + fd.off);
             }
-        std::swap(ids, next_ids);
-      }
+      });
     });
   });
   return {top, idx, valid, w_top, all, w_all};

@@ -75,7 +75,6 @@ std::vector<torch::Tensor> search_attend_backward(
     constexpr int64_t W = decltype(width)::value;
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> gs(M * L), gw(M * L), gwt(K);
-      UserIds ids(fs, L), next_ids(fs, L);  // this user's rows and the next's
       std::vector<float*> ga(F), gr(F);
       for (int64_t part = p0; part < p1; ++part) {
         for (int64_t f = 0; f < F; ++f) {
@@ -86,14 +85,8 @@ std::vector<torch::Tensor> search_attend_backward(
           std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
         }
         const int64_t b0 = B * part / parts, b1 = B * (part + 1) / parts;
-        if (b0 < b1) ids.load(b0);
-        for (int64_t b = b0; b < b1; ++b) {
+        for_each_user(fs, L, b0, b1, [&](int64_t b, const UserIds& ids, auto& next_of) {
           const bool* mk = MK + b * L;
-          const bool ahead = b + 1 < b1;
-          if (ahead) next_ids.load(b + 1);
-          auto next_of = [&](int64_t f, int64_t m) -> const int64_t* {
-            return ahead && m == 0 && fs[f].index ? next_ids[f] : nullptr;
-          };
           std::fill(gs.begin(), gs.end(), 0.f);
           if (full) {  // the whole-history pooling: representation gradients and d(weights)
             std::fill(gw.begin(), gw.end(), 0.f);
@@ -162,8 +155,7 @@ std::vector<torch::Tensor> search_attend_backward(
                              GQ[f] + bm * da_of<W>(fd));
             }
           }
-          std::swap(ids, next_ids);
-        }
+        });
       }
     });
   });

@@ -175,4 +175,24 @@ inline void prefetch_next(const float* base, int64_t stride, const int64_t* next
   if (next) prefetch(base, next[l], stride, write);
 }
 
+// Calls body(b, ids, next_of) for the users b of [b0, b1) in order: ids[f] are user b's rows
+// of field f, and next_of(f, m) the next user's, to prefetch during the pass of field f and
+// target m (null when there is no next user, for a field without index, and for m > 0: the
+// first target's pass prefetches them).
+template <typename Body>
+void for_each_user(const std::vector<Field>& fs, int64_t L, int64_t b0, int64_t b1, Body&& body) {
+  if (b0 >= b1) return;
+  UserIds ids(fs, L), next_ids(fs, L);
+  ids.load(b0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const bool ahead = b + 1 < b1;
+    if (ahead) next_ids.load(b + 1);
+    auto next_of = [&](int64_t f, int64_t m) -> const int64_t* {
+      return ahead && m == 0 && fs[f].index ? next_ids[f] : nullptr;
+    };
+    body(b, static_cast<const UserIds&>(ids), next_of);
+    std::swap(ids, next_ids);
+  }
+}
+
 }  // namespace longrec_search
