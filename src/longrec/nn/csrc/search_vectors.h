@@ -130,6 +130,8 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
 }
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
 inline __mmask16 real16(const bool* mk, int64_t n) {  // mask bytes as lanes, n <= 16 of them
   const __m128i bytes = _mm_maskz_loadu_epi8(lanes(n), mk);
   return _mm_test_epi8_mask(bytes, bytes);
@@ -187,7 +189,7 @@ inline void add_pooled(const float* w, const bool* mk, const float* base, int64_
 inline float masked_exp(const float* s, const bool* mk, float mx, int64_t L, float* w) {
   int64_t l = 0;
   float total = 0.f;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   __m512 acc = _mm512_setzero_ps();
   const __m512 mxv = _mm512_set1_ps(mx);
   for (; l < L; l += 16) {
