@@ -61,8 +61,8 @@ class HistoryField:
     value_mask: Tensor | None = None  # [B, L, W] for multi-valued fields
     gathered: Tensor | None = None  # [B, L, d] when already gathered (Towers.keys_and_values)
     fused: bool = False  # read rows straight from `rows` with nn.row_kernels where possible
-    target_inverse: Tensor | None = None  # the targets' ids in `rows` (training only)
-    target_rows: Tensor | None = None  # rows[target_inverse] (nn.embedding.rows_and_picks)
+    # the targets' rows, taken from `rows` (training only; nn.embedding.rows_and_picks)
+    target_rows: Tensor | None = None
 
     def uses_kernels(self, x: Tensor) -> bool:
         """Whether dot / weighted_sum run the row kernels for this per-target tensor."""
@@ -221,7 +221,6 @@ class EmbeddingSet(nn.Module):
                     inverse,
                     vmask,
                     fused=self.fused,
-                    target_inverse=target_inverse,
                     target_rows=picks,
                 )
             )
@@ -414,7 +413,7 @@ class Towers(nn.Module):
         targets come from the same rows as the history."""
         key = self.role_set[role]
         history = None
-        if cache is not None and key in cache and cache[key].fields[0].target_inverse is not None:
+        if cache is not None and key in cache and cache[key].fields[0].target_rows is not None:
             history = cache[key]
         out = self.sets[key].target(batch, history)
         return self.projections[role].target(out) if self.projections is not None else out
