@@ -73,7 +73,18 @@ def main() -> None:
     forward = min_ms(lambda: ext.search_attend(attn, repr_, index, query, scale, mask, k, full))
     backward = min_ms(
         lambda: ext.search_attend_backward(
-            attn, repr_, index, query, scale, mask, idx, w_top, w_all, grad_top, grad_all
+            attn,
+            repr_,
+            index,
+            query,
+            scale,
+            mask,
+            idx,
+            w_top,
+            w_all,
+            grad_top,
+            grad_all,
+            search_attention.ROW_OWNED_BYTES,
         )
     )
     rows = ", ".join(f"{a.shape[0]:,}" for a in attn)

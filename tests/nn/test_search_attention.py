@@ -1,7 +1,8 @@
 """The fused soft search (nn.search_attention) against the PyTorch operations it replaces
 (scores, `topk_search`, `masked_softmax`, top-k and full-history pooling) in float64: outputs
 and every gradient, with several targets per user, padding, histories shorter than k, an
-all-padding history, position fields (no index) and zero-width fields."""
+all-padding history, position fields (no index) and zero-width fields; the rows' gradients both
+through per-thread copies and through the row-owned second phase (`ROW_OWNED_BYTES`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ CASES = [  # (batch B, targets M, history L, k, distinct rows per field, with a 
 
 def test_the_extension_builds_here():
     assert row_kernels.available()
+
+
+@pytest.fixture(params=["copies", "row_owned"])
+def backward_mode(request, monkeypatch):
+    """The backward's two ways to the rows' gradients: per-thread copies (the default at these
+    sizes) and, with the threshold at 0, the row-owned second phase for every indexed field."""
+    if request.param == "row_owned":
+        monkeypatch.setattr(search_attention, "ROW_OWNED_BYTES", 0)
+    return request.param
 
 
 def _case(b, m, length, k, uniq, pos, width=None, seed=0, shared_pos=False):
@@ -80,7 +90,9 @@ SHARED = [(*c, False) for c in CASES] + [(*c, True) for c in CASES if c[5]]
 
 
 @pytest.mark.parametrize("b,m,length,k,uniq,pos,width,shared_pos", SHARED)
-def test_fused_search_equals_pytorch_in_float64(b, m, length, k, uniq, pos, width, shared_pos):
+def test_fused_search_equals_pytorch_in_float64(
+    b, m, length, k, uniq, pos, width, shared_pos, backward_mode
+):
     attn, repr_, index, query, scale, mask, params = _case(
         b, m, length, k, uniq, pos, width, shared_pos=shared_pos
     )
@@ -111,7 +123,7 @@ def test_fused_search_equals_pytorch_in_float64(b, m, length, k, uniq, pos, widt
         torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max()))
 
 
-def test_without_the_full_pooling_only_the_top_k_is_computed():
+def test_without_the_full_pooling_only_the_top_k_is_computed(backward_mode):
     attn, repr_, index, query, scale, mask, params = _case(5, 2, 40, 6, (30, 7), True)
     top, full, _, _ = search_attention.search_attend(
         attn, repr_, index, query, scale, mask, 6, full=False
@@ -123,6 +135,13 @@ def test_without_the_full_pooling_only_the_top_k_is_computed():
     torch.testing.assert_close(top, both)
     grads = torch.autograd.grad(top.sum(), params)
     assert all(torch.isfinite(g).all() for g in grads)
+    # the top-k pooling's gradient alone, against the PyTorch operations
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    r_attn, r_repr, r_query = ref_params[:3], ref_params[3:6], ref_params[6:]
+    r_top = _reference(r_attn, r_repr, index, r_query, scale, mask, 6)[0]
+    want = torch.autograd.grad(r_top.sum(), ref_params)
+    for a, e in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max()))
 
 
 def test_zero_width_fields_change_nothing():
@@ -145,7 +164,7 @@ def test_zero_width_fields_change_nothing():
 
 
 @pytest.mark.parametrize("width", [None, 16])
-def test_gradients_are_deterministic(width):
+def test_gradients_are_deterministic(width, backward_mode):
     attn, repr_, index, query, scale, mask, params = _case(
         64, 1, 50, 8, (40, 9), True, width, shared_pos=True
     )
@@ -158,6 +177,31 @@ def test_gradients_are_deterministic(width):
 
     for a, b in zip(grads(), grads(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("width", [None, 16])
+def test_row_owned_gradients_do_not_depend_on_the_thread_count(width, monkeypatch):
+    monkeypatch.setattr(search_attention, "ROW_OWNED_BYTES", 0)
+    attn, repr_, index, query, scale, mask, params = _case(64, 2, 50, 8, (40, 9), True, width)
+
+    def grads():
+        top, full, _, _ = search_attention.search_attend(
+            attn, repr_, index, query, scale, mask, 8, True
+        )
+        return torch.autograd.grad(top.sin().sum() + full.cos().sum(), params)
+
+    threads = torch.get_num_threads()
+    two = grads()
+    torch.set_num_threads(1)
+    try:
+        one = grads()
+    finally:
+        torch.set_num_threads(threads)
+    n = len(attn)
+    indexed = [f for f in range(n) if index[f] is not None]  # the row-owned fields
+    assert indexed
+    for f in indexed:  # attention and representation rows
+        assert torch.equal(one[f], two[f]) and torch.equal(one[n + f], two[n + f])
 
 
 def test_bad_shapes_get_a_clear_error():

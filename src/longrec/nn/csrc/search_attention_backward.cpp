@@ -1,9 +1,12 @@
 // The backward pass of the fused soft search (search_attention.cpp): per user, the gradients
 // of both poolings, both softmaxes and the scores, added into per-thread copies of the rows'
-// gradients (longrec.nn.search_attention).
-#include "search_vectors.h"
+// gradients (longrec.nn.search_attention). Fields with many distinct rows instead keep each
+// behaviour's coefficients and add them into their rows in a second phase, each thread owning a
+// range of rows (search_rows_owned.h).
+#include "search_rows_owned.h"
 
 using namespace longrec_search;
+
 
 // Gradients of search_attend with respect to every field's attention rows, representation
 // rows and query: {dA_0.., dR_0.., dQ_0..}. `grad_all` may be empty (no auxiliary head).
@@ -15,7 +18,7 @@ std::vector<torch::Tensor> search_attend_backward(
     const std::vector<torch::Tensor>& index, const std::vector<torch::Tensor>& query,
     const std::vector<double>& scale, const torch::Tensor& mask, const torch::Tensor& idx,
     const torch::Tensor& w_top, const torch::Tensor& w_all, const torch::Tensor& grad_top,
-    const torch::Tensor& grad_all) {
+    const torch::Tensor& grad_all, int64_t row_owned_bytes) {
   const auto fs = fields_of(attn, repr, index, query, scale, mask, false);
   const int64_t B = mask.size(0), L = mask.size(1), M = query[0].size(1), K = idx.size(2);
   const int64_t D = pooled_width(fs), F = fs.size();
@@ -25,6 +28,13 @@ std::vector<torch::Tensor> search_attend_backward(
                              w_all.numel() == B * M * L)),
               "search_attend_backward: gradients must be contiguous [B, M, D]");
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  std::vector<bool> owned(F);
+  bool any_owned = false;
+  for (int64_t f = 0; f < F; ++f) {
+    owned[f] = fs[f].index &&
+               fs[f].rows * (fs[f].da + fs[f].dr) * int64_t{sizeof(float)} >= row_owned_bytes;
+    any_owned = any_owned || owned[f];
+  }
   // Part 0 adds straight into the returned gradients; parts 1.. into a scratch buffer that
   // persists per calling thread and is folded in afterwards. Allocating the copies per call
   // (~37 MB a table at 6.2M items) and summing them into another fresh tensor cost a zero-fill
@@ -33,7 +43,8 @@ std::vector<torch::Tensor> search_attend_backward(
   std::vector<std::vector<float*>> PA(parts, std::vector<float*>(F)), PR = PA;
   std::vector<float*> GQ(F);
   int64_t per_part = 0;  // floats of one part's copies of every field's gradients
-  for (int64_t f = 0; f < F; ++f) per_part += fs[f].rows * (fs[f].da + fs[f].dr);
+  for (int64_t f = 0; f < F; ++f)
+    if (!owned[f]) per_part += fs[f].rows * (fs[f].da + fs[f].dr);
   // A tensor, not a std::vector: PyTorch's allocator gives it huge pages (longrec/malloc.py);
   // with 4 KiB pages the random row updates miss the TLB (the backward took 1.5x longer).
   // Never freed: destroying a tensor at thread exit could run after PyTorch's teardown.
@@ -56,6 +67,7 @@ std::vector<torch::Tensor> search_attend_backward(
     PA[0][f] = grad_a[f].data_ptr<float>();
     PR[0][f] = grad_r[f].data_ptr<float>();
     GQ[f] = grad_q[f].data_ptr<float>();
+    if (owned[f]) continue;  // PA[part > 0][f] stay null
     for (int64_t part = 1; part < parts; ++part) {
       PA[part][f] = scratch + (part - 1) * per_part + offset;
       PR[part][f] = PA[part][f] + fs[f].rows * fs[f].da;
@@ -69,6 +81,13 @@ std::vector<torch::Tensor> search_attend_backward(
   const float* GT = grad_top.data_ptr<float>();
   const float* GA = full ? grad_all.data_ptr<float>() : nullptr;
   std::vector<float> shared_gs(parts * L, 0.f);  // sum over users of d(score)[l], per part
+  // for row-owned fields: per behaviour and target, d(score) (the attention rows' coefficient
+  // of the queries) and the top-K weight (the representation rows' coefficient of grad_top)
+  const auto fopt = query[0].options();
+  auto score_grad = any_owned ? torch::empty({B, M, L}, fopt) : torch::empty({0}, fopt);
+  auto top_weight = any_owned ? torch::empty({B, M, L}, fopt) : torch::empty({0}, fopt);
+  float* GS = any_owned ? score_grad.data_ptr<float>() : nullptr;
+  float* CT = any_owned ? top_weight.data_ptr<float>() : nullptr;
   const bool any_shared =
       std::any_of(fs.begin(), fs.end(), [](const Field& f) { return f.shared; });
   with_width(fs, [&](auto width) {
@@ -80,7 +99,7 @@ std::vector<torch::Tensor> search_attend_backward(
         for (int64_t f = 0; f < F; ++f) {
           ga[f] = PA[part][f];
           gr[f] = PR[part][f];
-          if (part > 0 && !zero_parts) continue;
+          if (owned[f] || (part > 0 && !zero_parts)) continue;
           std::memset(ga[f], 0, sizeof(float) * fs[f].rows * da_of<W>(fs[f]));
           std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
         }
@@ -88,6 +107,8 @@ std::vector<torch::Tensor> search_attend_backward(
         for_each_user(fs, L, b0, b1, [&](int64_t b, const UserIds& ids, auto& next_of) {
           const bool* mk = MK + b * L;
           std::fill(gs.begin(), gs.end(), 0.f);
+          float* ct = any_owned ? CT + b * M * L : nullptr;
+          if (ct) std::fill(ct, ct + M * L, 0.f);
           if (full) {  // the whole-history pooling: representation gradients and d(weights)
             std::fill(gw.begin(), gw.end(), 0.f);
             for (int64_t f = 0; f < F; ++f)
@@ -97,7 +118,8 @@ std::vector<torch::Tensor> search_attend_backward(
                 const float* go = GA + bm * D + fd.off;
                 const int64_t* u = ids[f];
                 add_dots<W>(go, fd.R, fd.sr, u, next_of(f, m), L, dr_of<W>(fd), gw.data() + m * L);
-                add_outer<W>(WA + bm * L, mk, go, gr[f], u, next_of(f, m), L, dr_of<W>(fd));
+                if (!owned[f])
+                  add_outer<W>(WA + bm * L, mk, go, gr[f], u, next_of(f, m), L, dr_of<W>(fd));
               }
             for (int64_t m = 0; m < M; ++m) {  // softmax backward
               const float* wa = WA + (b * M + m) * L;
@@ -118,7 +140,7 @@ std::vector<torch::Tensor> search_attend_backward(
               for (int64_t j = 0; j < K; ++j) {
                 const int64_t u = ids[f][id[j]];
                 prefetch(fs[f].R, u, fs[f].sr);
-                prefetch(gr[f], u, dr_of<W>(fs[f]), true);
+                if (!owned[f]) prefetch(gr[f], u, dr_of<W>(fs[f]), true);
               }
             }
             float c = 0.f;
@@ -130,14 +152,16 @@ std::vector<torch::Tensor> search_attend_backward(
                 const Field& fd = fs[f];
                 const int64_t u = ids[f][id[j]];
                 acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
-                axpy(gr[f] + u * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
+                if (!owned[f]) axpy(gr[f] + u * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
               }
+              if (ct) ct[m * L + id[j]] = wt[j];
               gwt[j] = hsum(acc);
               c += wt[j] * gwt[j];
             }
             for (int64_t j = 0; j < K; ++j)
               if (wt[j] != 0.f) gs[m * L + id[j]] += wt[j] * (gwt[j] - c);
           }
+          if (any_owned) std::copy(gs.begin(), gs.end(), GS + b * M * L);
           // scores: attention rows and queries
           if (any_shared) {
             float* sg = shared_gs.data() + part * L;
@@ -150,13 +174,30 @@ std::vector<torch::Tensor> search_attend_backward(
             if (fd.shared) continue;
             for (int64_t m = 0; m < M; ++m) {
               const int64_t bm = b * M + m;
-              score_grads<W>(gs.data() + m * L, mk, fd.scale, fd.Q + bm * da_of<W>(fd), fd.A,
-                             fd.sa, ga[f], ids[f], next_of(f, m), L, da_of<W>(fd),
-                             GQ[f] + bm * da_of<W>(fd));
+              if (owned[f])
+                query_grad<W>(gs.data() + m * L, mk, fd.scale, fd.A, fd.sa, ids[f],
+                              next_of(f, m), L, da_of<W>(fd), GQ[f] + bm * da_of<W>(fd));
+              else
+                score_grads<W>(gs.data() + m * L, mk, fd.scale, fd.Q + bm * da_of<W>(fd), fd.A,
+                               fd.sa, ga[f], ids[f], next_of(f, m), L, da_of<W>(fd),
+                               GQ[f] + bm * da_of<W>(fd));
             }
           }
         });
       }
+    });
+    if (!any_owned) return;
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {  // the row-owned fields
+      for (int64_t part = p0; part < p1; ++part)
+        for (int64_t f = 0; f < F; ++f) {
+          if (!owned[f]) continue;
+          const Field& fd = fs[f];
+          const Term ta{GS, fd.Q, da_of<W>(fd), 0, fd.scale};
+          const Term tr[2] = {{CT, GT, D, fd.off, 1.f}, {WA, GA, D, fd.off, 1.f}};
+          add_owned_rows<W>(fs, f, MK, B, L, M, fd.rows * part / parts,
+                            fd.rows * (part + 1) / parts, PA[0][f], PR[0][f], &ta, 1, tr,
+                            full ? 2 : 1);
+        }
     });
   });
   // shared-query fields: every user's d(score)[l] times the one query, and back
@@ -176,6 +217,7 @@ std::vector<torch::Tensor> search_attend_backward(
   // fold parts 1.. into part 0 in part order (deterministic), zeroing them for the next call
   for (int64_t f = 0; f < F; ++f)
     for (auto* P : {&PA, &PR}) {
+      if (owned[f]) continue;
       const int64_t n = fs[f].rows * (P == &PA ? fs[f].da : fs[f].dr);
       at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
         float* dst = (*P)[0][f];
