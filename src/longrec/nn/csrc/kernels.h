@@ -39,6 +39,29 @@ class IdBitmap {
     return was;
   }
   int32_t* slots() { return slot_.data(); }  // one int32 per id, for the caller's use
+  // Numbers the set ids in increasing order, keeping them set: rank(id) is then the number of
+  // set ids below id, from this bitmap (vocab / 8 bytes) and a count per word (vocab / 16),
+  // both small enough for L2 at 6.2M ids where the slot table (vocab * 4) is not. Returns how
+  // many are set. Callers clear() afterwards.
+  int64_t number() {
+    if (static_cast<int64_t>(before_.size()) < words_) before_.resize(words_);
+    int64_t total = 0;
+    for (int64_t w = 0; w < words_; ++w) {
+      before_[w] = static_cast<int32_t>(total);
+      total += __builtin_popcountll(bits_[w]);
+    }
+    return total;
+  }
+  int64_t rank(int64_t id) const {
+    const uint64_t below = (uint64_t{1} << (id & 63)) - 1;
+    return before_[id >> 6] + __builtin_popcountll(bits_[id >> 6] & below);
+  }
+  template <typename Visit>
+  void visit(Visit&& visit) const {  // the set ids in increasing order, left set
+    for (int64_t w = 0; w < words_; ++w)
+      for (uint64_t word = bits_[w]; word; word &= word - 1) visit(w * 64 + __builtin_ctzll(word));
+  }
+  void clear() { std::fill(bits_.begin(), bits_.begin() + words_, 0); }
   template <typename Visit>
   void drain(Visit&& visit) {
     for (int64_t w = 0; w < words_; ++w) {
@@ -51,7 +74,7 @@ class IdBitmap {
 
  private:
   std::vector<uint64_t> bits_;
-  std::vector<int32_t> slot_;
+  std::vector<int32_t> slot_, before_;
   int64_t words_ = 0;
 };
 

@@ -197,9 +197,10 @@ torch::Tensor scatter_distinct_rows(const torch::Tensor& ids, const torch::Tenso
 }
 
 // (distinct ids [U] in increasing order, inverse with the shape of ids) without sorting: a
-// bitmap over the vocabulary marks the ids, a scan of its words numbers them, and a parallel
-// pass writes the inverse (torch.unique sorts; the PyTorch version of models.towers.dedup makes
-// four passes). Increasing order makes every later pass over a table's rows run in address
+// bitmap over the vocabulary marks the ids, a scan of its words counts them per word, and a
+// parallel pass writes each id's rank as its inverse (torch.unique sorts; the PyTorch version of
+// models.towers.dedup makes four passes; a slot table written per distinct id and read per id
+// took 4.9-7.1 ms at 6.2M items, its 25 MB missing the caches). Increasing order makes every later pass over a table's rows run in address
 // order: the lookups' index_select, the gradient's scatter and the optimiser's update (measured
 // 5% of a DARE step at 200K items and 8% at 6.2M against order of first appearance, which kept a
 // user's rows together for the gathers but sent every table pass to random addresses).
@@ -213,30 +214,27 @@ std::vector<torch::Tensor> dedup_ids_of(const std::vector<torch::Tensor>& parts,
   TORCH_CHECK(include < vocab, "dedup_ids: id ", include, " outside [0, ", vocab, ")");
   IdBitmap& map = IdBitmap::for_thread(vocab);
   if (include >= 0) map.set(include);
-  int64_t total = 0;
   for (const auto& ids : parts) {
     const Id* I = ids.data_ptr<Id>();
     for (int64_t p = 0, n = ids.numel(); p < n; ++p) map.set(I[p]);
-    total += ids.numel();
   }
-  int32_t* slot = map.slots();
-  std::vector<int64_t> uniq;
-  uniq.reserve(std::min<int64_t>(total + 1, vocab));
-  map.drain([&](int64_t id) {
-    slot[id] = static_cast<int32_t>(uniq.size());
-    uniq.push_back(id);
-  });
+  struct Clear {  // the bitmap is left clear even if an allocation below throws
+    IdBitmap& map;
+    ~Clear() { map.clear(); }
+  } clear{map};
+  const int64_t distinct_n = map.number();
   auto options = parts[0].options().dtype(torch::kLong);
-  auto distinct = torch::empty({static_cast<int64_t>(uniq.size())}, options);
-  std::copy(uniq.begin(), uniq.end(), distinct.data_ptr<int64_t>());
+  auto distinct = torch::empty({distinct_n}, options);
+  int64_t* D = distinct.data_ptr<int64_t>();
+  map.visit([&](int64_t id) { *D++ = id; });
   std::vector<torch::Tensor> out{distinct};
-  const int32_t* S = slot;  // this thread's table, read by the pool's threads
+  const IdBitmap& ranks = map;  // this thread's bitmap, read by the pool's threads
   for (const auto& ids : parts) {
     auto inverse = torch::empty(ids.sizes(), options);
     int64_t* inv = inverse.data_ptr<int64_t>();
     const Id* I = ids.data_ptr<Id>();
     at::parallel_for(0, ids.numel(), 1 << 14, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) inv[p] = S[I[p]];
+      for (int64_t p = p0; p < p1; ++p) inv[p] = ranks.rank(I[p]);
     });
     out.push_back(inverse);
   }
