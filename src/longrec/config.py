@@ -45,8 +45,8 @@ class TrainConfig:
     batch_size: int = 2048  # rows of a batch: samples (pointwise) or requests (request layout)
     lr: float = 0.01
     optimizer: str = "adam"  # dense parameters: "adam" | "adamw" | "sgd"
-    # "adam" (dense, as DARE) | "rowwise_adam" (lazy: touched rows only) | "sparse_adam" |
-    # "adagrad" | "sgd"
+    # "adam" (dense, as DARE) | "rowwise_adam" (lazy: touched rows only) | "rowwise_adagrad"
+    # (one accumulator per row, touched rows only) | "sparse_adam" | "adagrad" | "sgd"
     embed_optimizer: str = "adam"
     # embed_optimizer=adam: tables looked up at distinct ids pass their gradients sparse to an
     # Adam that still updates every row (train/table_adam.py; same updates, no [V, d] gradient)

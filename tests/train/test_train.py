@@ -36,7 +36,7 @@ def test_dare_learns_on_real_taobao(prepared_taobao, tmp_path):
     assert state["step"] == metrics["train"]["steps"]
 
 
-@pytest.mark.parametrize("embed_optimizer", ["adam", "rowwise_adam"])
+@pytest.mark.parametrize("embed_optimizer", ["adam", "rowwise_adam", "rowwise_adagrad"])
 def test_resume_gives_identical_metrics(prepared_taobao, tmp_path, embed_optimizer):
     """Also with the row-wise optimiser: its sparse table gradients and lazy moments must come
     back from state.pt exactly."""

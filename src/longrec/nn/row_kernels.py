@@ -153,3 +153,13 @@ def adam_rows_(
     kernel = _extension().rowwise_adam_ if lazy else _extension().sparse_grad_adam_
     ids, grad = ids.contiguous().long(), grad.contiguous()
     kernel(param, exp_avg, exp_avg_sq, ids, grad, lr, b1, b2, eps, 1 - b1**step, 1 - b2**step)
+
+
+def rowwise_adagrad_(
+    param: Tensor, state_sum: Tensor, ids: Tensor, grad: Tensor, lr: float, eps: float
+) -> None:
+    """Row-wise Adagrad on a table [V, d] from a sparse gradient (ids [N], grad [N, d]; repeats
+    summed), in place, with one accumulator per row (state_sum [V]): train/rowwise_adagrad.py."""
+    _extension().rowwise_adagrad_(
+        param, state_sum, ids.contiguous().long(), grad.contiguous(), lr, eps
+    )

@@ -1,10 +1,11 @@
 """Optimisers: one for dense parameters, one for embedding tables; schedules; DARE's L2.
 
-Sparse embedding optimisers (rowwise_adam, sparse_adam, adagrad, sgd) update only the rows a
-batch touched, which is what makes 4M-item tables affordable; "adam" is dense, as in DARE's
-code (train/table_adam.py: torch.optim.Adam that also takes the sparse gradients of tables
-looked up at distinct ids). rowwise_adam (train/rowwise_adam.py) is SparseAdam's lazy Adam,
-several times faster.
+Sparse embedding optimisers (rowwise_adam, rowwise_adagrad, sparse_adam, adagrad, sgd) update
+only the rows a batch touched, which is what makes 4M-item tables affordable; "adam" is dense,
+as in DARE's code (train/table_adam.py: torch.optim.Adam that also takes the sparse gradients of
+tables looked up at distinct ids). rowwise_adam (train/rowwise_adam.py) is SparseAdam's lazy Adam,
+several times faster; rowwise_adagrad (train/rowwise_adagrad.py) keeps one accumulator per
+row, for tables too large for Adam's moments to be cheap.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from torch import Tensor, nn
 
 from longrec.config import TrainConfig
 from longrec.errors import UserError
+from longrec.train.rowwise_adagrad import RowwiseAdagrad
 from longrec.train.rowwise_adam import RowwiseAdam
 from longrec.train.table_adam import TableAdam
 
-SPARSE_EMBED_OPTIMIZERS = ("rowwise_adam", "sparse_adam", "adagrad", "sgd")
+SPARSE_EMBED_OPTIMIZERS = ("rowwise_adam", "rowwise_adagrad", "sparse_adam", "adagrad", "sgd")
 
 
 def wants_sparse_embeddings(cfg: TrainConfig) -> bool:
@@ -62,6 +64,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
         kinds = {
             "adam": lambda: TableAdam(embed, lr=lr, fused=_fusable(embed)),
             "rowwise_adam": lambda: RowwiseAdam(embed, lr=lr),
+            "rowwise_adagrad": lambda: RowwiseAdagrad(embed, lr=lr),
             "sparse_adam": lambda: torch.optim.SparseAdam(embed, lr=lr),
             "adagrad": lambda: torch.optim.Adagrad(embed, lr=lr),
             "sgd": lambda: torch.optim.SGD(embed, lr=lr),

@@ -1,6 +1,7 @@
-// Adam updates of embedding tables from sparse gradients (ids [N], grad [N, d]), in place:
-// rowwise_adam_ (lazy: only the rows in the gradient, train/rowwise_adam.py) and
-// sparse_grad_adam_ (torch.optim.Adam's semantics over every row, train/table_adam.py).
+// Optimiser updates of embedding tables from sparse gradients (ids [N], grad [N, d]), in place:
+// rowwise_adam_ (lazy: only the rows in the gradient, train/rowwise_adam.py),
+// sparse_grad_adam_ (torch.optim.Adam's semantics over every row, train/table_adam.py) and
+// rowwise_adagrad_ (one accumulator per row, train/rowwise_adagrad.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -176,4 +177,52 @@ void sparse_grad_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tens
     adam_over_rows<16>(P, M, S, order, V, d, b2, w1, w2, step, inv_bc2, e);
   else
     adam_over_rows<0>(P, M, S, order, V, d, b2, w1, w2, step, inv_bc2, e);
+}
+
+// Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD, no weight decay) on the rows of a sparse
+// gradient, in place: per distinct row r (repeats summed first), sum[r] += mean_j g[r, j]^2 and
+// row r -= lr g[r] / (sqrt(sum[r]) + eps). One accumulator per row instead of Adam's two moments
+// per weight: a row's update reads and writes its 64 bytes of weights and 4 bytes of state
+// rather than 192 bytes, which is what bounds Adam's update on a table that is not in cache.
+void rowwise_adagrad_(torch::Tensor& param, torch::Tensor& sum, const torch::Tensor& ids,
+                      const torch::Tensor& grad, double lr, double eps) {
+  TORCH_CHECK(param.dim() == 2 && param.scalar_type() == torch::kFloat && param.is_contiguous(),
+              "rowwise_adagrad_: the table must be a contiguous float32 [V, d] tensor");
+  TORCH_CHECK(sum.dim() == 1 && sum.scalar_type() == torch::kFloat && sum.is_contiguous() &&
+                  sum.size(0) == param.size(0),
+              "rowwise_adagrad_: the state must be a contiguous float32 [V] tensor");
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.is_contiguous() && ids.dim() == 1,
+              "rowwise_adagrad_: ids must be a contiguous int64 [N] tensor");
+  TORCH_CHECK(grad.dim() == 2 && grad.scalar_type() == torch::kFloat && grad.is_contiguous() &&
+                  grad.size(0) == ids.size(0) && grad.size(1) == param.size(1),
+              "rowwise_adagrad_: grad must be a contiguous float32 [N, d] tensor");
+  check_ids(ids.data_ptr<int64_t>(), ids.size(0), param.size(0), "rowwise_adagrad_");
+  const int64_t N = ids.size(0), d = param.size(1), V = param.size(0);
+  const RowOrder order = order_rows(ids.data_ptr<int64_t>(), N, V, grad);
+  float* P = param.data_ptr<float>();
+  float* S = sum.data_ptr<float>();
+  const int64_t* R = order.rows;
+  const float* G = order.grad.data_ptr<float>();
+  const float rate = lr, e = eps, inv_d = 1.f / std::max<int64_t>(d, 1);
+  constexpr int64_t ahead_rows = 16;
+  at::parallel_for(0, order.size, 1024, [&](int64_t u0, int64_t u1) {
+    for (int64_t i = u0; i < u1; ++i) {
+      if (i + ahead_rows < u1) {
+        const int64_t ahead = R[i + ahead_rows];
+        __builtin_prefetch(P + ahead * d, 1);
+        __builtin_prefetch(S + ahead, 1);
+        __builtin_prefetch(G + order.entry_of(i + ahead_rows) * d);
+      }
+      const int64_t r = R[i];
+      float* p = P + r * d;
+      const float* g = G + order.entry_of(i) * d;
+      float square = 0.f;
+#pragma omp simd reduction(+ : square)
+      for (int64_t j = 0; j < d; ++j) square += g[j] * g[j];
+      S[r] += square * inv_d;
+      const float step = rate / (std::sqrt(S[r]) + e);
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) p[j] -= step * g[j];
+    }
+  });
 }

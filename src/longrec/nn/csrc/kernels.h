@@ -95,6 +95,8 @@ std::vector<torch::Tensor> prelu_backward(const torch::Tensor& x, const torch::T
 void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
                    const torch::Tensor& ids, const torch::Tensor& grad, double lr, double beta1,
                    double beta2, double eps, double bias1, double bias2);
+void rowwise_adagrad_(torch::Tensor& param, torch::Tensor& sum, const torch::Tensor& ids,
+                      const torch::Tensor& grad, double lr, double eps);
 void sparse_grad_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
                        const torch::Tensor& ids, const torch::Tensor& grad, double lr,
                        double beta1, double beta2, double eps, double bias1, double bias2);

@@ -288,6 +288,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prelu_backward", &prelu_backward, "one-weight PReLU's gradients in one pass");
   m.def("rowwise_adam_", &rowwise_adam_, "lazy Adam on a sparse gradient's rows, in place");
   m.def("sparse_grad_adam_", &sparse_grad_adam_, "Adam on every row from a sparse gradient");
+  m.def("rowwise_adagrad_", &rowwise_adagrad_, "row-wise Adagrad on a sparse gradient's rows");
   m.def("scatter_distinct_rows", &scatter_distinct_rows, "dense gradient of distinct rows");
   m.def("lookup_rows", &lookup_rows, "weight[ids] with the rows prefetched ahead");
   m.def("dedup_ids", &dedup_ids, "distinct ids in increasing order, and the inverse");
