@@ -84,7 +84,7 @@ def main() -> None:
             w_all,
             grad_top,
             grad_all,
-            search_attention.ROW_OWNED_BYTES,
+            search_attention.row_owned_bytes(),
         )
     )
     rows = ", ".join(f"{a.shape[0]:,}" for a in attn)

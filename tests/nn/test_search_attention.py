@@ -31,6 +31,7 @@ def test_the_extension_builds_here():
 def backward_mode(request, monkeypatch):
     """The backward's two ways to the rows' gradients: per-thread copies (the default at these
     sizes) and, with the threshold at 0, the row-owned second phase for every indexed field."""
+    monkeypatch.delenv("LONGREC_ROW_OWNED_BYTES", raising=False)
     if request.param == "row_owned":
         monkeypatch.setattr(search_attention, "ROW_OWNED_BYTES", 0)
     return request.param
@@ -181,7 +182,7 @@ def test_gradients_are_deterministic(width, backward_mode):
 
 @pytest.mark.parametrize("width", [None, 16])
 def test_row_owned_gradients_do_not_depend_on_the_thread_count(width, monkeypatch):
-    monkeypatch.setattr(search_attention, "ROW_OWNED_BYTES", 0)
+    monkeypatch.setenv("LONGREC_ROW_OWNED_BYTES", "0")  # the override a benchmark arm sets
     attn, repr_, index, query, scale, mask, params = _case(64, 2, 50, 8, (40, 9), True, width)
 
     def grads():
@@ -202,6 +203,12 @@ def test_row_owned_gradients_do_not_depend_on_the_thread_count(width, monkeypatc
     assert indexed
     for f in indexed:  # attention and representation rows
         assert torch.equal(one[f], two[f]) and torch.equal(one[n + f], two[n + f])
+
+
+def test_a_bad_row_owned_threshold_gets_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LONGREC_ROW_OWNED_BYTES", "16MB")
+    with pytest.raises(ValueError, match="LONGREC_ROW_OWNED_BYTES must be an integer"):
+        search_attention.row_owned_bytes()
 
 
 def test_bad_shapes_get_a_clear_error():

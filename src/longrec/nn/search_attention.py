@@ -14,6 +14,8 @@ tests/nn/test_search_attention.py); float32 CPU tensors only (`applicable`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -27,8 +29,22 @@ _NO_INDEX = torch.empty(0, dtype=torch.long)
 # to zero and fold. Measured on captured DARE batches (min / median of 12 interleaved rounds):
 # at 6.2M items (291K distinct rows, 37 MB of copies) the backward took 20.0 / 25.0 ms against
 # 27.1 / 28.4 with copies; at 200K items (90K rows, 11.5 MB) copies stayed faster, 13.0 / 13.6
-# against 14.6 / 17.3. 0 sends every indexed field through the second phase (tests).
+# against 14.6 / 17.3. 0 sends every indexed field through the second phase (tests). The
+# crossover depends on the machine's caches: `LONGREC_ROW_OWNED_BYTES` overrides it per call
+# (benchmarks/ab_steps.py compares two settings with `ENV:LONGREC_ROW_OWNED_BYTES=...`).
 ROW_OWNED_BYTES = 16 << 20
+
+
+def row_owned_bytes() -> int:
+    value = os.environ.get("LONGREC_ROW_OWNED_BYTES")
+    if value is None:
+        return ROW_OWNED_BYTES
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"LONGREC_ROW_OWNED_BYTES must be an integer (bytes), got '{value}'"
+        ) from None
 
 
 class _SearchAttend(torch.autograd.Function):
@@ -62,7 +78,7 @@ class _SearchAttend(torch.autograd.Function):
             w_all,
             grad_top.contiguous(),  # unused outputs' gradients arrive as zeros (materialised)
             grad_all.contiguous() if w_all.numel() else empty,
-            ROW_OWNED_BYTES,
+            row_owned_bytes(),
         )
         g_attn, g_repr, g_query = grads[:n], grads[n : 2 * n], grads[2 * n :]
         return (None, None, None, None, None, *g_attn, *g_repr, *([None] * n), *g_query)
