@@ -163,3 +163,7 @@ def rowwise_adagrad_(
     _extension().rowwise_adagrad_(
         param, state_sum, ids.contiguous().long(), grad.contiguous(), lr, eps
     )
+
+
+if __name__ == "__main__":  # `make kernels`: build (or find) the extension before anything times it
+    print("row kernels:", "built" if available() else "unavailable, PyTorch fallback in use")
