@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from longrec.nn import row_kernels
-from longrec.train.rowwise_adam import _distinct_rows
+from longrec.train.rowwise_adam import _distinct_rows, table_grad_rows
 
 
 class RowwiseAdagrad(torch.optim.Optimizer):
@@ -34,15 +34,10 @@ class RowwiseAdagrad(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.dim() != 2:
-                    raise ValueError("RowwiseAdagrad updates [rows, dim] tables only")
+                ids, values = table_grad_rows(p, "RowwiseAdagrad")
                 state = self.state[p]
                 if not state:
                     state["sum"] = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
-                if p.grad.is_sparse:
-                    ids, values = p.grad._indices()[0], p.grad._values()
-                else:
-                    ids, values = torch.arange(p.shape[0], device=p.device), p.grad
                 tensors = (p, state["sum"], values)
                 if row_kernels.applicable(*tensors) and p.is_contiguous():
                     row_kernels.rowwise_adagrad_(

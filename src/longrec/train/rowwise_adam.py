@@ -34,6 +34,16 @@ def _distinct_rows(grad: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     return uniq, summed
 
 
+def table_grad_rows(p: Tensor, optimizer: str) -> tuple[Tensor, Tensor]:
+    """(row ids [N], gradient rows [N, d]) of table p's sparse or dense gradient, as the row-wise
+    kernels take them (ids may repeat); refuses anything but a [rows, dim] table."""
+    if p.dim() != 2:
+        raise ValueError(f"{optimizer} updates [rows, dim] tables only")
+    if p.grad.is_sparse:
+        return p.grad._indices()[0], p.grad._values()
+    return torch.arange(p.shape[0], device=p.device), p.grad
+
+
 def update_rows(p: Tensor, state: dict, group: dict, ids: Tensor, values: Tensor, lazy: bool):
     """One C++ Adam pass (nn.row_kernels.adam_rows_) on table p from a sparse gradient, with
     the optimiser's state (exp_avg, exp_avg_sq, step already counted) and settings."""
@@ -70,8 +80,7 @@ class RowwiseAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.dim() != 2:
-                    raise ValueError("RowwiseAdam updates [rows, dim] tables only")
+                ids, values = table_grad_rows(p, "RowwiseAdam")
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float64)
@@ -80,10 +89,6 @@ class RowwiseAdam(torch.optim.Optimizer):
                 state["step"] += 1
                 t = float(state["step"])
                 if _fused(p, p.grad, state):
-                    if p.grad.is_sparse:
-                        ids, values = p.grad._indices()[0], p.grad._values()
-                    else:
-                        ids, values = torch.arange(p.shape[0]), p.grad
                     update_rows(p, state, group, ids, values, lazy=True)
                     continue
                 rows, g = _distinct_rows(p.grad, p.shape[0])

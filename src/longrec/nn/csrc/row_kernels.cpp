@@ -200,8 +200,9 @@ torch::Tensor scatter_distinct_rows(const torch::Tensor& ids, const torch::Tenso
 // bitmap over the vocabulary marks the ids, a scan of its words counts them per word, and a
 // parallel pass writes each id's rank as its inverse (torch.unique sorts; the PyTorch version of
 // models.towers.dedup makes four passes; a slot table written per distinct id and read per id
-// took 4.9-7.1 ms at 6.2M items, its 25 MB missing the caches). Increasing order makes every later pass over a table's rows run in address
-// order: the lookups' index_select, the gradient's scatter and the optimiser's update (measured
+// took 4.9-7.1 ms at 6.2M items, its 25 MB missing the caches). Increasing order makes every
+// later pass over a table's rows run in address order: the lookups' index_select, the
+// gradient's scatter and the optimiser's update (measured
 // 5% of a DARE step at 200K items and 8% at 6.2M against order of first appearance, which kept a
 // user's rows together for the gathers but sent every table pass to random addresses).
 // `include` >= 0 is among the distinct ids whether or not it occurs (padding, 0: it then leads,

@@ -195,7 +195,7 @@ std::vector<torch::Tensor> search_attend_backward(
           const Term ta{GS, fd.Q, da_of<W>(fd), 0, fd.scale};
           const Term tr[2] = {{CT, GT, D, fd.off, 1.f}, {WA, GA, D, fd.off, 1.f}};
           add_owned_rows<W>(fs, f, MK, B, L, M, fd.rows * part / parts,
-                            fd.rows * (part + 1) / parts, PA[0][f], PR[0][f], &ta, 1, tr,
+                            fd.rows * (part + 1) / parts, PA[0][f], PR[0][f], ta, tr,
                             full ? 2 : 1);
         }
     });

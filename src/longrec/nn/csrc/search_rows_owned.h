@@ -94,13 +94,13 @@ inline void add_user_terms(float* g, const int64_t* u, const int64_t* own, int64
 }
 
 // Zeroes rows [lo, hi) of gradients ga (width da) and gr (width dr) of field f and adds into
-// them every real behaviour on those rows, user by user: the attention terms into ga (none
-// for a shared-query field), the representation terms into gr. Each user's behaviours on the
+// them every real behaviour on those rows, user by user: the attention term into ga, the
+// representation terms into gr. Each user's behaviours on the
 // range are listed without branches, and the next user's rows are prefetched meanwhile.
 template <int64_t W>
 void add_owned_rows(const std::vector<Field>& fs, int64_t f, const bool* MK, int64_t B,
                     int64_t L, int64_t M, int64_t lo, int64_t hi, float* ga, float* gr,
-                    const Term* ta, int64_t n_ta, const Term* tr, int64_t n_tr) {
+                    const Term& ta, const Term* tr, int64_t n_tr) {
   const int64_t da = da_of<W>(fs[f]), dr = dr_of<W>(fs[f]);
   std::memset(ga + lo * da, 0, sizeof(float) * (hi - lo) * da);
   std::memset(gr + lo * dr, 0, sizeof(float) * (hi - lo) * dr);
@@ -128,7 +128,7 @@ void add_owned_rows(const std::vector<Field>& fs, int64_t f, const bool* MK, int
         prefetch(gr, next_ids[f][own_next[i]], dr, true);
       }
     }
-    add_user_terms<W>(ga, ids[f], own.data(), n, ta, n_ta, b, M, L, da);
+    add_user_terms<W>(ga, ids[f], own.data(), n, &ta, 1, b, M, L, da);
     add_user_terms<W>(gr, ids[f], own.data(), n, tr, n_tr, b, M, L, dr);
     std::swap(ids, next_ids);
     std::swap(own, own_next);
