@@ -64,7 +64,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     n, scale, mask, k, full, *tensors = capture_inputs(args.data, args.overrides)
-    attn, repr_, index, query = (list(tensors[i * n : (i + 1) * n]) for i in range(4))
+    # the rows read (the tables, in training) and each field's gradient index and rows
+    _, _, index, query, attn, repr_, grad_index = search_attention._fields(tensors, n)
+    grad_rows = [
+        a.shape[0] if g.numel() else 0 for a, g in zip(tensors[:n], grad_index, strict=True)
+    ]
     ext = row_kernels._extension()
     top, idx, _, w_top, pooled_all, w_all = ext.search_attend(
         attn, repr_, index, query, scale, mask, k, full
@@ -85,9 +89,11 @@ def main() -> None:
             grad_top,
             grad_all,
             search_attention.row_owned_bytes(),
+            grad_index,
+            grad_rows,
         )
     )
-    rows = ", ".join(f"{a.shape[0]:,}" for a in attn)
+    rows = ", ".join(f"{g or a.shape[0]:,}" for a, g in zip(attn, grad_rows, strict=True))
     print(f"fields' rows {rows}; k {k}: forward {forward:.1f} ms, backward {backward:.1f} ms")
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from longrec.models import build_model
+from longrec.nn import search_attention
 
 MODELS = ["dare", "twin", "twin_4e", "twin_proj", "twin_hard"]
 
@@ -80,4 +81,40 @@ def test_sparse_tables_give_the_dense_tables_gradients(name, schema, batch):
     _assert_same(
         {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in grads_s.items()},
         grads_d,
+    )
+
+
+@pytest.mark.parametrize("name", ["dare", "twin", "twin_4e"])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("row_owned", [False, True])
+def test_training_reads_the_tables_as_it_read_the_distinct_rows(
+    name, sparse, row_owned, schema, batch, monkeypatch
+):
+    """With the fused search, training reads the tables at the batch's ids
+    (`read_tables`, nn.embedding.table_rows) instead of copying the batch's distinct rows out:
+    the same logits and table gradients (dense or sparse, the targets' share included), through
+    both of the search backward's ways to the rows' gradients."""
+    if row_owned:
+        monkeypatch.setattr(search_attention, "ROW_OWNED_BYTES", 0)
+    torch.manual_seed(0)
+    direct = build_model(name, schema, sparse_embeddings=sparse)
+    copied = build_model(name, schema, {"read_tables": False}, sparse_embeddings=sparse)
+    copied.load_state_dict(direct.state_dict())
+    if schema.multi_fields():  # the fused search does not take multi-valued fields
+        keys, _ = direct.towers.keys_and_values(
+            batch, direct.towers.distinct_ids(batch, True), {}, direct=True
+        )
+        assert all(f.table is None for f in keys.fields)
+        return
+    keys, _ = direct.towers.keys_and_values(
+        batch, direct.towers.distinct_ids(batch, True), {}, direct=True
+    )
+    assert all(f.table is not None for f in keys.fields)  # the path under test is taken
+    out_d, out_c = direct.forward_train(batch), copied.forward_train(batch)
+    torch.testing.assert_close(out_d[0], out_c[0], rtol=0, atol=0)
+    grads_d, grads_c = _grads(direct, *out_d), _grads(copied, *out_c)
+    dense = {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in grads_d.items()}
+    assert sparse == any(g is not None and g.is_sparse for g in grads_d.values())
+    _assert_same(
+        dense, {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in grads_c.items()}
     )

@@ -274,3 +274,60 @@ def test_ties_at_the_kth_score_take_the_earliest_positions(width):
         expected = sorted(sorted(real, key=lambda p: (-scores[p], p))[:3])
         assert idx[b, 0].tolist() == expected
         assert valid[b, 0].all()
+
+
+@pytest.mark.parametrize("width", [None, 16])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_reading_the_tables_at_the_ids_equals_reading_the_distinct_rows(
+    width, id_dtype, backward_mode
+):
+    """Training's path (`tables`): the kernels read whole tables at the batch's ids and add the
+    gradients into the distinct rows at their index. Same outputs as the distinct rows read at
+    that index, and the stand-ins get those rows' gradients exactly (same summation order)."""
+    b, m, length, k = 12, 2, 40, 6
+    g = torch.Generator().manual_seed(3)
+    vocab = (90, 30)  # table rows; a batch uses some of them
+    da, dr = ([16, 16], [16, 16]) if width else ([4, 16], [5, 2])
+    tables = [
+        (torch.randn(v, a, generator=g), torch.randn(v, r, generator=g))
+        for v, a, r in zip(vocab, da, dr, strict=True)
+    ]
+    ids = [torch.randint(0, v // 2, (b, length), generator=g) * 2 for v in vocab]
+    distinct = [torch.unique(i, return_inverse=True) for i in ids]
+    pos_a, pos_r = torch.randn(length, 3, generator=g), torch.randn(length, 4, generator=g)
+    query = [torch.randn(b, m, d, generator=g) for d in da] + [torch.randn(1, 1, 3, generator=g)]
+    scale, mask = [0.5, 0.25, 0.7], torch.rand(b, length, generator=g) < 0.8
+    mask[0] = False
+
+    def run(read_tables: bool):
+        rows_a = [t[0][u].requires_grad_() for t, (u, _) in zip(tables, distinct, strict=True)]
+        rows_r = [t[1][u].requires_grad_() for t, (u, _) in zip(tables, distinct, strict=True)]
+        attn, repr_ = [*rows_a, pos_a], [*rows_r, pos_r]
+        if read_tables:  # the distinct rows' stand-ins: never read
+            attn[:2] = [torch.zeros_like(r).requires_grad_() for r in rows_a]
+            repr_[:2] = [torch.zeros_like(r).requires_grad_() for r in rows_r]
+            index = [i.to(id_dtype) for i in ids] + [None]
+            read = [(t[0], t[1], inv) for t, (_, inv) in zip(tables, distinct, strict=True)]
+            read += [None]
+        else:
+            index, read = [inv for _, inv in distinct] + [None], None
+        top, full, idx, valid = search_attention.search_attend(
+            attn, repr_, index, query, scale, mask, k, True, read
+        )
+        grads = torch.autograd.grad(top.sin().sum() + full.cos().sum(), [*attn[:2], *repr_[:2]])
+        return (top, full, idx, valid, *grads)
+
+    for got, want in zip(run(True), run(False), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_bad_gradient_index_is_refused():
+    attn, repr_, index, query, scale, mask, _ = _case(4, 1, 25, 5, (20,), False)
+    table = (attn[0].detach(), repr_[0].detach())
+    grad_index = index[0].clone()
+    grad_index[1, 2] = 20  # past the 20 distinct rows of the stand-ins
+    top, full, _, _ = search_attention.search_attend(
+        attn, repr_, index, query, scale, mask, 5, True, [(*table, grad_index)]
+    )
+    with pytest.raises(RuntimeError, match="grad_index: 1 ids outside"):
+        torch.autograd.grad(top.sum() + full.sum(), attn)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from longrec.data.batch import Batch
 from longrec.nn import row_kernels
-from longrec.nn.embedding import RowTable, gather_rows, rows_and_picks
+from longrec.nn.embedding import RowTable, gather_rows, rows_and_picks, table_rows
 from longrec.nn.temporal import relative_positions
 
 ROLES = ("attn_hist", "attn_tgt", "repr_hist", "repr_tgt")
@@ -63,9 +63,18 @@ class HistoryField:
     fused: bool = False  # read rows straight from `rows` with nn.row_kernels where possible
     # the targets' rows, taken from `rows` (training only; nn.embedding.rows_and_picks)
     target_rows: Tensor | None = None
+    # (table, the batch's ids [B, L]) where `rows` is only a stand-in for the distinct rows
+    # (nn.embedding.table_rows): the fused search reads the table at the ids itself, and
+    # nothing else may read `rows`
+    table: tuple[Tensor, Tensor] | None = None
+
+    def _readable(self) -> None:
+        if self.table is not None:
+            raise RuntimeError("a history field read from its table serves the fused search only")
 
     def uses_kernels(self, x: Tensor) -> bool:
         """Whether dot / weighted_sum run the row kernels for this per-target tensor."""
+        self._readable()
         return (
             self.fused
             and self.value_mask is None
@@ -82,12 +91,14 @@ class HistoryField:
 
     def dense(self) -> Tensor:
         """[B, L, d] (gathered once and kept)."""
+        self._readable()
         if self.gathered is None:
             self.gathered = self._pool_values(gather_rows(self.rows, self.inverse), self.value_mask)
         return self.gathered
 
     def at(self, idx: Tensor) -> Tensor:
         """Rows of the behaviours at idx [B, M, K] -> [B, M, K, d]."""
+        self._readable()
         b, m, k = idx.shape
         inv = self.inverse
         flat_idx = (idx + torch.arange(b, device=idx.device).view(b, 1, 1) * inv.shape[1]).reshape(
@@ -203,15 +214,35 @@ class EmbeddingSet(nn.Module):
             return None
         return self.pos(relative_positions(length, device, self.max_positions))
 
-    def history(self, batch: Batch, distinct: dict[str, tuple[Tensor, ...]]) -> HistoryEmbedding:
+    def history(
+        self, batch: Batch, distinct: dict[str, tuple[Tensor, ...]], direct: bool = False
+    ) -> HistoryEmbedding:
         """`distinct[f]`: (distinct ids, history index) or, from Towers.distinct_ids, also
-        the targets' index."""
+        the targets' index. `direct` (training with the fused search, targets' index given,
+        no multi-valued field): the fields are read by the search from the tables themselves
+        (`HistoryField.table`) instead of from a copy of their distinct rows, which at DARE's
+        Taobao configuration with 6.2M items cost a tenth of a step (BENCHMARKS.md)."""
         fields = []
         for f in self.fields:
             uniq, inverse, *target_inverse = distinct[f]
-            vmask = (batch.history[f] != 0) if f in self.multi else None
-            rows = self.tables[f](uniq, distinct=True)
             target_inverse = target_inverse[0] if target_inverse else None
+            table = self.tables[f]
+            if direct and target_inverse is not None:
+                read = table_rows(table, uniq, batch.target[f], target_inverse)
+                if read is not None:
+                    rows, picks = read
+                    fields.append(
+                        HistoryField(
+                            rows,
+                            inverse,
+                            fused=True,
+                            target_rows=picks,
+                            table=(table.weight, batch.history[f]),
+                        )
+                    )
+                    continue
+            vmask = (batch.history[f] != 0) if f in self.multi else None
+            rows = table(uniq, distinct=True)
             picks = None
             if target_inverse is not None:  # the targets' rows, gradient added in place
                 rows, picks = rows_and_picks(rows, target_inverse)
@@ -363,10 +394,15 @@ class Towers(nn.Module):
             out[f] = (uniq, inverse[:n].view(hist.shape), inverse[n:].view(tgt.shape))
         return out
 
-    def history(self, role: str, batch: Batch, distinct, cache: dict) -> HistoryEmbedding:
+    def history(
+        self, role: str, batch: Batch, distinct, cache: dict, direct: bool = False
+    ) -> HistoryEmbedding:
+        """`direct`: see EmbeddingSet.history; only where the fused search takes every field
+        (no projections, which need the rows; no multi-valued fields)."""
         key = self.role_set[role]
         if key not in cache:  # one lookup per table even when roles share it
-            cache[key] = self.sets[key].history(batch, distinct)
+            direct = direct and self.projections is None and not self.sets[key].multi
+            cache[key] = self.sets[key].history(batch, distinct, direct)
         out = cache[key]
         return self.projections[role].history(out) if self.projections is not None else out
 
@@ -386,7 +422,7 @@ class Towers(nn.Module):
         return HistoryEmbedding(fields, emb.positions(batch.history_len, batch.history_mask.device))
 
     def keys_and_values(
-        self, batch: Batch, distinct, cache: dict | None = None
+        self, batch: Batch, distinct, cache: dict | None = None, direct: bool = False
     ) -> tuple[HistoryEmbedding, HistoryEmbedding]:
         """Attention (keys) and representation (values) embeddings of the history.
 
@@ -396,12 +432,12 @@ class Towers(nn.Module):
         The fused kernels never gather the whole history, so they skip this.
         """
         cache = {} if cache is None else cache
-        keys = self.history("attn_hist", batch, distinct, cache)
-        values = self.history("repr_hist", batch, distinct, cache)
+        keys = self.history("attn_hist", batch, distinct, cache, direct)
+        values = self.history("repr_hist", batch, distinct, cache, direct)
         if keys is values or self.projections is not None:
             return keys, values
         for k, v in zip(keys.fields, values.fields, strict=True):
-            if k.value_mask is not None or k.uses_kernels(k.rows):
+            if k.table is not None or k.value_mask is not None or k.uses_kernels(k.rows):
                 continue
             both = gather_rows(torch.cat((k.rows, v.rows), dim=1), k.inverse)
             # split (not two slices): its backward concatenates both gradients in one pass

@@ -54,6 +54,9 @@ class TwoStageParams:
     # with both its poolings runs as one C++ pass per user (nn.search_attention).
     fused_kernels: bool = True
     fused_search: bool = True  # with fused_kernels: the soft search by nn.search_attention
+    # with fused_search, in training: the search reads the tables at the batch's ids instead
+    # of a copy of the batch's distinct rows (EmbeddingSet.history's `direct`)
+    read_tables: bool = True
 
 
 @register("dare", "DARE: decoupled attention/representation tables, soft top-k search (ICLR'25)")
@@ -95,8 +98,8 @@ class TwoStageModel(SequenceModel):
     def encode_user(self, batch: Batch) -> UserState:
         return self._encode(batch, self.towers.distinct_ids(batch), {})
 
-    def _encode(self, batch: Batch, distinct, cache: dict) -> UserState:
-        keys, values = self.towers.keys_and_values(batch, distinct, cache)
+    def _encode(self, batch: Batch, distinct, cache: dict, direct: bool = False) -> UserState:
+        keys, values = self.towers.keys_and_values(batch, distinct, cache, direct)
         state = {"keys": keys, "values": values, "mask": batch.history_mask}
         if self.params.search == "hard":
             state["category"] = batch.history["category"]
@@ -132,7 +135,10 @@ class TwoStageModel(SequenceModel):
     def forward_train(self, batch: Batch):
         # one table lookup per step for history and targets (Towers.distinct_ids)
         cache: dict = {}
-        state = self._encode(batch, self.towers.distinct_ids(batch, with_targets=True), cache)
+        distinct = self.towers.distinct_ids(batch, with_targets=True)
+        # the fused search reads the tables at the batch's ids: no copies of the distinct rows
+        direct = self._fuses_search() and self.params.read_tables
+        state = self._encode(batch, distinct, cache, direct=direct)
         logits, aux = self._run(state, batch, aux=self.aux_head is not None, cache=cache)
         return logits, ([(aux, self.params.aux_weight)] if aux is not None else [])
 
@@ -209,15 +215,24 @@ def fused_soft_search(
     fields, keys and values at different indices, other dtypes or devices)."""
     if len(keys.fields) != len(values.fields):
         return None
-    attn, repr_, index, queries = [], [], [], []
+    attn, repr_, index, queries, tables = [], [], [], [], []
     for kf, vf, q in zip(keys.fields, values.fields, query.fields, strict=True):
+        if (kf.table is None) != (vf.table is None) or (
+            kf.table is not None and kf.table[1] is not vf.table[1]
+        ):
+            raise ValueError("keys and values must both be read from their tables, or neither")
         if not (kf.fused and kf.inverse is vf.inverse and kf.value_mask is None):
             return None
         if kf.gathered is not None or vf.gathered is not None:
             return None
         attn.append(kf.rows)
         repr_.append(vf.rows)
-        index.append(kf.inverse)
+        if kf.table is None:
+            index.append(kf.inverse)
+            tables.append(None)
+        else:  # the tables at the batch's ids; gradients into the distinct rows' stand-ins
+            index.append(_index_ids(kf.table[1]))
+            tables.append((kf.table[0], vf.table[0], kf.inverse))
         queries.append(q)
     scale = [keys.sem_dim**-0.5] * len(attn)
     if values.pos is not None or keys.pos is not None:
@@ -234,9 +249,12 @@ def fused_soft_search(
         index.append(None)
         queries.append(q_pos)
     if not search_attention.applicable(*attn, *repr_, *queries):
+        if any(t is not None for t in tables):  # the stand-ins have nothing to fall back on
+            raise RuntimeError("fields read from their tables need the fused search kernel")
         return None
+    tables += [None] * (len(attn) - len(tables))  # the position field
     top, pooled_all, _, _ = search_attention.search_attend(
-        attn, repr_, index, queries, scale, mask, k, full
+        attn, repr_, index, queries, scale, mask, k, full, tables
     )
     return top, pooled_all
 

@@ -149,17 +149,21 @@ class _LookupDistinctRowsSparse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
-        flat_ids = ids.reshape(1, -1)
         values = grad.reshape(-1, ctx.shape[1]).contiguous()
-        pad = ctx.padding_idx
-        if pad is not None and flat_ids.shape[1] and flat_ids[0, 0].item() == pad:
-            flat_ids, values = flat_ids[:, 1:], values[1:]
-        elif pad is not None:
-            at = (flat_ids[0] == pad).nonzero().squeeze(1)
-            if len(at):
-                values = values.index_fill(0, at, 0.0)
-        sparse = torch.sparse_coo_tensor(flat_ids, values, ctx.shape, check_invariants=False)
-        return sparse, None, None
+        return _sparse_distinct_grad(ids, values, ctx.shape, ctx.padding_idx), None, None
+
+
+def _sparse_distinct_grad(ids: Tensor, values: Tensor, shape, pad: int | None) -> Tensor:
+    """The sparse gradient [V, d] of rows at distinct ids, the padding entry sliced off when it
+    leads the ids (models.towers.dedup puts it there), else zeroed."""
+    flat_ids = ids.reshape(1, -1)
+    if pad is not None and flat_ids.shape[1] and flat_ids[0, 0].item() == pad:
+        flat_ids, values = flat_ids[:, 1:], values[1:]
+    elif pad is not None:
+        at = (flat_ids[0] == pad).nonzero().squeeze(1)
+        if len(at):
+            values = values.index_fill(0, at, 0.0)
+    return torch.sparse_coo_tensor(flat_ids, values, shape, check_invariants=False)
 
 
 class RowTable(nn.Embedding):
@@ -212,6 +216,65 @@ class _RowsAndPicks(torch.autograd.Function):
         # not a view: the rows' consumers' own fresh gradient (the search kernel's, or the
         # gathers'), which nothing else reads, so it takes the picks' gradient in place
         return grad_rows.index_add_(0, index.reshape(-1), picks), None
+
+
+class _TableRows(torch.autograd.Function):
+    """A table's distinct rows for a batch, not copied out: a stand-in [U, d] (no memory) that
+    only the fused search takes (it reads the table at the batch's ids and returns the distinct
+    rows' gradient as the stand-in's), plus the targets' rows. The backward adds the targets'
+    gradient into the distinct rows' at their index and hands the table the same sparse (or
+    dense) gradient as _LookupDistinctRowsSparse (or _LookupRows) would."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        weight: Tensor,
+        ids: Tensor,
+        target_ids: Tensor,
+        target_index: Tensor,
+        padding_idx: int | None,
+        sparse: bool,
+    ):
+        ctx.save_for_backward(ids, target_index)
+        ctx.shape, ctx.padding_idx, ctx.sparse = weight.shape, padding_idx, sparse
+        stand_in = weight.new_zeros(1, 1).expand(ids.shape[0], weight.shape[1])
+        return stand_in, _take(weight, target_ids.long())
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor, grad_picks: Tensor):
+        ids, target_index = ctx.saved_tensors
+        d = ctx.shape[1]
+        picks = grad_picks.reshape(-1, d)
+        if grad_rows._base is not None or grad_rows.stride() != (d, 1):
+            grad_rows = grad_rows.clone(memory_format=torch.contiguous_format)
+        # else the search's own fresh gradient (or autograd's sum of two): nothing else reads it
+        grad_rows.index_add_(0, target_index.reshape(-1), picks)
+        if ctx.sparse:
+            return _sparse_distinct_grad(ids, grad_rows, ctx.shape, ctx.padding_idx), *[None] * 5
+        out = row_kernels.scatter_distinct_rows(ids, grad_rows, ctx.shape[0])
+        if ctx.padding_idx is not None:
+            out[ctx.padding_idx] = 0
+        return out, *[None] * 5
+
+
+def table_rows(table: RowTable, ids: Tensor, target_ids: Tensor, target_index: Tensor):
+    """(stand-in for table(ids, distinct=True), the targets' rows table(target_ids)) where the
+    fused search reads the table itself (_TableRows); `target_index`: the targets' positions in
+    `ids`. None where that does not apply (other lookups, e.g. sharded tables): the caller
+    looks the rows up instead."""
+    if not isinstance(table, RowTable):
+        return None
+    w = table.weight
+    if (
+        table.max_norm is not None
+        or table.scale_grad_by_freq
+        or not (torch.is_grad_enabled() and w.requires_grad)
+        or not (w.is_contiguous() and row_kernels.applicable(w))
+        or ids.dim() != 1
+    ):
+        return None
+    sparse = table.sparse or table.sparse_distinct_grad
+    return _TableRows.apply(w, ids, target_ids, target_index, table.padding_idx, sparse)
 
 
 def rows_and_picks(rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:

@@ -48,13 +48,20 @@ def row_owned_bytes() -> int:
 
 
 class _SearchAttend(torch.autograd.Function):
+    """tensors: attn, repr_ (what the gradients are for: the rows, or the distinct rows'
+    stand-ins of nn.embedding.table_rows), index, query, then the rows the kernels read and
+    each field's gradient index (empty: `index`), F of each."""
+
     @staticmethod
     def forward(ctx, n: int, scale: list[float], mask: Tensor, k: int, full: bool, *tensors):
-        attn, repr_, index, query = (list(tensors[i * n : (i + 1) * n]) for i in range(4))
+        attn, _repr, index, query, read_a, read_r, grad_index = _fields(tensors, n)
         top, idx, valid, w_top, pooled_all, w_all = row_kernels._extension().search_attend(
-            attn, repr_, index, query, scale, mask, k, full
+            read_a, read_r, index, query, scale, mask, k, full
         )
         ctx.n, ctx.scale = n, scale
+        ctx.grad_rows = [
+            a.shape[0] if g.numel() else 0 for a, g in zip(attn, grad_index, strict=True)
+        ]
         ctx.save_for_backward(mask, idx, w_top, w_all, *tensors)
         ctx.mark_non_differentiable(idx, valid)
         return top, pooled_all, idx, valid
@@ -64,13 +71,13 @@ class _SearchAttend(torch.autograd.Function):
     def backward(ctx, grad_top, grad_all, _idx, _valid):
         mask, idx, w_top, w_all, *tensors = ctx.saved_tensors
         n = ctx.n
-        attn, repr_, index, query = (tensors[i * n : (i + 1) * n] for i in range(4))
+        _attn, _repr, index, query, read_a, read_r, grad_index = _fields(tensors, n)
         empty = grad_top.new_empty(0)
         grads = row_kernels._extension().search_attend_backward(
-            list(attn),
-            list(repr_),
-            list(index),
-            list(query),
+            read_a,
+            read_r,
+            index,
+            query,
             ctx.scale,
             mask,
             idx,
@@ -79,9 +86,16 @@ class _SearchAttend(torch.autograd.Function):
             grad_top.contiguous(),  # unused outputs' gradients arrive as zeros (materialised)
             grad_all.contiguous() if w_all.numel() else empty,
             row_owned_bytes(),
+            grad_index,
+            ctx.grad_rows,
         )
         g_attn, g_repr, g_query = grads[:n], grads[n : 2 * n], grads[2 * n :]
-        return (None, None, None, None, None, *g_attn, *g_repr, *([None] * n), *g_query)
+        none = [None] * n
+        return (None, None, None, None, None, *g_attn, *g_repr, *none, *g_query, *none * 3)
+
+
+def _fields(tensors, n: int) -> list[list[Tensor]]:
+    return [list(tensors[i * n : (i + 1) * n]) for i in range(7)]
 
 
 def applicable(*tensors: Tensor) -> bool:
@@ -98,13 +112,24 @@ def search_attend(
     mask: Tensor,
     k: int,
     full: bool,
+    tables: list[tuple[Tensor, Tensor, Tensor] | None] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """(pooled over the top k [B, M, sum dr], pooled over the whole history or None,
     idx [B, M, k'], valid [B, M, k']) with k' = min(k, L); the poolings are softmax-weighted
-    by score[b, m, l] = sum_f scale_f <query_f[b, m], attn_f[index_f[b, l]]>."""
+    by score[b, m, l] = sum_f scale_f <query_f[b, m], attn_f[index_f[b, l]]>.
+
+    `tables[f]` = (attention table, representation table, grad index [B, L] int64): field f's
+    rows are read from the tables at `index` (the batch's ids), and attn[f] / repr_[f] are the
+    batch's distinct rows' stand-ins [U, d] (nn.embedding.table_rows), whose gradients are
+    added at grad index. Training then copies no rows out of the tables."""
     n = len(attn)
+    tables = tables or [None] * n
     index = [_NO_INDEX if i is None else i.contiguous() for i in index]
+    read_a = [a if t is None else t[0].detach() for a, t in zip(attn, tables, strict=True)]
+    read_r = [r if t is None else t[1].detach() for r, t in zip(repr_, tables, strict=True)]
+    grad_index = [_NO_INDEX if t is None else t[2].contiguous() for t in tables]
     tensors = [*attn, *repr_, *index, *(q.contiguous() for q in query)]
+    tensors += [*read_a, *read_r, *grad_index]
     top, pooled_all, idx, valid = _SearchAttend.apply(
         n, [float(s) for s in scale], mask.contiguous(), k, full, *tensors
     )

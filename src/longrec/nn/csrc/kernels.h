@@ -89,7 +89,8 @@ std::vector<torch::Tensor> search_attend_backward(
     const std::vector<torch::Tensor>& index, const std::vector<torch::Tensor>& query,
     const std::vector<double>& scale, const torch::Tensor& mask, const torch::Tensor& idx,
     const torch::Tensor& w_top, const torch::Tensor& w_all, const torch::Tensor& grad_top,
-    const torch::Tensor& grad_all, int64_t row_owned_bytes);
+    const torch::Tensor& grad_all, int64_t row_owned_bytes,
+    const std::vector<torch::Tensor>& grad_index, const std::vector<int64_t>& grad_rows);
 std::vector<torch::Tensor> prelu_backward(const torch::Tensor& x, const torch::Tensor& grad,
                                           const torch::Tensor& weight);
 void rowwise_adam_(torch::Tensor& param, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,

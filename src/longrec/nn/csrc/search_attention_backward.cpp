@@ -18,8 +18,9 @@ std::vector<torch::Tensor> search_attend_backward(
     const std::vector<torch::Tensor>& index, const std::vector<torch::Tensor>& query,
     const std::vector<double>& scale, const torch::Tensor& mask, const torch::Tensor& idx,
     const torch::Tensor& w_top, const torch::Tensor& w_all, const torch::Tensor& grad_top,
-    const torch::Tensor& grad_all, int64_t row_owned_bytes) {
-  const auto fs = fields_of(attn, repr, index, query, scale, mask, false);
+    const torch::Tensor& grad_all, int64_t row_owned_bytes,
+    const std::vector<torch::Tensor>& grad_index, const std::vector<int64_t>& grad_rows) {
+  const auto fs = fields_of(attn, repr, index, query, scale, mask, false, grad_index, grad_rows);
   const int64_t B = mask.size(0), L = mask.size(1), M = query[0].size(1), K = idx.size(2);
   const int64_t D = pooled_width(fs), F = fs.size();
   const bool full = grad_all.numel() > 0;
@@ -32,7 +33,7 @@ std::vector<torch::Tensor> search_attend_backward(
   bool any_owned = false;
   for (int64_t f = 0; f < F; ++f) {
     owned[f] = fs[f].index &&
-               fs[f].rows * (fs[f].da + fs[f].dr) * int64_t{sizeof(float)} >= row_owned_bytes;
+               fs[f].grows * (fs[f].da + fs[f].dr) * int64_t{sizeof(float)} >= row_owned_bytes;
     any_owned = any_owned || owned[f];
   }
   // Part 0 adds straight into the returned gradients; parts 1.. into a scratch buffer that
@@ -44,7 +45,7 @@ std::vector<torch::Tensor> search_attend_backward(
   std::vector<float*> GQ(F);
   int64_t per_part = 0;  // floats of one part's copies of every field's gradients
   for (int64_t f = 0; f < F; ++f)
-    if (!owned[f]) per_part += fs[f].rows * (fs[f].da + fs[f].dr);
+    if (!owned[f]) per_part += fs[f].grows * (fs[f].da + fs[f].dr);
   // A tensor, not a std::vector: PyTorch's allocator gives it huge pages (longrec/malloc.py);
   // with 4 KiB pages the random row updates miss the TLB (the backward took 1.5x longer).
   // Never freed: destroying a tensor at thread exit could run after PyTorch's teardown.
@@ -61,8 +62,8 @@ std::vector<torch::Tensor> search_attend_backward(
   const bool zero_parts = !scratch_zero;  // whether parts 1.. must be zeroed first
   scratch_zero = false;
   for (int64_t f = 0, offset = 0; f < F; ++f) {
-    grad_a.push_back(torch::empty({fs[f].rows, fs[f].da}, query[f].options()));
-    grad_r.push_back(torch::empty({fs[f].rows, fs[f].dr}, query[f].options()));
+    grad_a.push_back(torch::empty({fs[f].grows, fs[f].da}, query[f].options()));
+    grad_r.push_back(torch::empty({fs[f].grows, fs[f].dr}, query[f].options()));
     grad_q.push_back(torch::zeros_like(query[f]));
     PA[0][f] = grad_a[f].data_ptr<float>();
     PR[0][f] = grad_r[f].data_ptr<float>();
@@ -70,9 +71,9 @@ std::vector<torch::Tensor> search_attend_backward(
     if (owned[f]) continue;  // PA[part > 0][f] stay null
     for (int64_t part = 1; part < parts; ++part) {
       PA[part][f] = scratch + (part - 1) * per_part + offset;
-      PR[part][f] = PA[part][f] + fs[f].rows * fs[f].da;
+      PR[part][f] = PA[part][f] + fs[f].grows * fs[f].da;
     }
-    offset += fs[f].rows * (fs[f].da + fs[f].dr);
+    offset += fs[f].grows * (fs[f].da + fs[f].dr);
   }
   const bool* MK = mask.data_ptr<bool>();
   const int64_t* IDX = idx.data_ptr<int64_t>();
@@ -100,12 +101,18 @@ std::vector<torch::Tensor> search_attend_backward(
           ga[f] = PA[part][f];
           gr[f] = PR[part][f];
           if (owned[f] || (part > 0 && !zero_parts)) continue;
-          std::memset(ga[f], 0, sizeof(float) * fs[f].rows * da_of<W>(fs[f]));
-          std::memset(gr[f], 0, sizeof(float) * fs[f].rows * dr_of<W>(fs[f]));
+          std::memset(ga[f], 0, sizeof(float) * fs[f].grows * da_of<W>(fs[f]));
+          std::memset(gr[f], 0, sizeof(float) * fs[f].grows * dr_of<W>(fs[f]));
         }
         const int64_t b0 = B * part / parts, b1 = B * (part + 1) / parts;
         for_each_user(fs, L, b0, b1, [&](int64_t b, const UserIds& ids, auto& next_of) {
           const bool* mk = MK + b * L;
+          // field f's gradient rows of this user's behaviours, and the next user's
+          auto gids = [&](int64_t f) { return grad_ids(fs[f], ids, f, b, L); };
+          auto gnext = [&](int64_t f, int64_t m) -> const int64_t* {
+            const int64_t* next = next_of(f, m);
+            return next && fs[f].gindex ? fs[f].gindex + (b + 1) * L : next;
+          };
           std::fill(gs.begin(), gs.end(), 0.f);
           float* ct = any_owned ? CT + b * M * L : nullptr;
           if (ct) std::fill(ct, ct + M * L, 0.f);
@@ -119,7 +126,8 @@ std::vector<torch::Tensor> search_attend_backward(
                 const int64_t* u = ids[f];
                 add_dots<W>(go, fd.R, fd.sr, u, next_of(f, m), L, dr_of<W>(fd), gw.data() + m * L);
                 if (!owned[f])
-                  add_outer<W>(WA + bm * L, mk, go, gr[f], u, next_of(f, m), L, dr_of<W>(fd));
+                  add_outer<W>(WA + bm * L, mk, go, gr[f], gids(f), gnext(f, m), L,
+                               dr_of<W>(fd));
               }
             for (int64_t m = 0; m < M; ++m) {  // softmax backward
               const float* wa = WA + (b * M + m) * L;
@@ -138,9 +146,8 @@ std::vector<torch::Tensor> search_attend_backward(
             for (int64_t f = 0; f < F; ++f) {  // the selected rows and their gradient rows
               if (!fs[f].index) continue;
               for (int64_t j = 0; j < K; ++j) {
-                const int64_t u = ids[f][id[j]];
-                prefetch(fs[f].R, u, fs[f].sr);
-                if (!owned[f]) prefetch(gr[f], u, dr_of<W>(fs[f]), true);
+                prefetch(fs[f].R, ids[f][id[j]], fs[f].sr);
+                if (!owned[f]) prefetch(gr[f], gids(f)[id[j]], dr_of<W>(fs[f]), true);
               }
             }
             float c = 0.f;
@@ -152,7 +159,8 @@ std::vector<torch::Tensor> search_attend_backward(
                 const Field& fd = fs[f];
                 const int64_t u = ids[f][id[j]];
                 acc = fma_acc(acc, go + fd.off, fd.R + u * fd.sr, dr_of<W>(fd));
-                if (!owned[f]) axpy(gr[f] + u * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
+                if (!owned[f])
+                  axpy(gr[f] + gids(f)[id[j]] * dr_of<W>(fd), wt[j], go + fd.off, dr_of<W>(fd));
               }
               if (ct) ct[m * L + id[j]] = wt[j];
               gwt[j] = hsum(acc);
@@ -179,8 +187,8 @@ std::vector<torch::Tensor> search_attend_backward(
                               next_of(f, m), L, da_of<W>(fd), GQ[f] + bm * da_of<W>(fd));
               else
                 score_grads<W>(gs.data() + m * L, mk, fd.scale, fd.Q + bm * da_of<W>(fd), fd.A,
-                               fd.sa, ga[f], ids[f], next_of(f, m), L, da_of<W>(fd),
-                               GQ[f] + bm * da_of<W>(fd));
+                               fd.sa, ids[f], next_of(f, m), ga[f], gids(f), gnext(f, m), L,
+                               da_of<W>(fd), GQ[f] + bm * da_of<W>(fd));
             }
           }
         });
@@ -194,8 +202,8 @@ std::vector<torch::Tensor> search_attend_backward(
           const Field& fd = fs[f];
           const Term ta{GS, fd.Q, da_of<W>(fd), 0, fd.scale};
           const Term tr[2] = {{CT, GT, D, fd.off, 1.f}, {WA, GA, D, fd.off, 1.f}};
-          add_owned_rows<W>(fs, f, MK, B, L, M, fd.rows * part / parts,
-                            fd.rows * (part + 1) / parts, PA[0][f], PR[0][f], ta, tr,
+          add_owned_rows<W>(fs, f, MK, B, L, M, fd.grows * part / parts,
+                            fd.grows * (part + 1) / parts, PA[0][f], PR[0][f], ta, tr,
                             full ? 2 : 1);
         }
     });
@@ -218,7 +226,7 @@ std::vector<torch::Tensor> search_attend_backward(
   for (int64_t f = 0; f < F; ++f)
     for (auto* P : {&PA, &PR}) {
       if (owned[f]) continue;
-      const int64_t n = fs[f].rows * (P == &PA ? fs[f].da : fs[f].dr);
+      const int64_t n = fs[f].grows * (P == &PA ? fs[f].da : fs[f].dr);
       at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
         float* dst = (*P)[0][f];
         for (int64_t part = 1; part < parts; ++part) {

@@ -29,7 +29,12 @@ struct Field {
   int64_t da, dr, sa, sr, rows, off;
   float scale;
   bool shared;  // one query [1, 1, da] for every target (position fields): see `shared_bias`
-  bool index32;  // int32 ids: inference indexes the tables with the batch's ids as they come
+  bool index32;  // int32 ids: the tables indexed with the batch's ids as they come
+  // The backward's row of each behaviour's gradient, [B, L] int64 into `grows` rows, where it
+  // is not the row read: training reads the tables at the batch's ids and adds the gradients
+  // into the batch's distinct rows (nn.search_attention). nullptr: the row read, grows = rows.
+  const int64_t* gindex;
+  int64_t grows;
 };
 
 inline std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
@@ -37,11 +42,15 @@ inline std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
                                     const std::vector<torch::Tensor>& index,
                                     const std::vector<torch::Tensor>& query,
                                     const std::vector<double>& scale, const torch::Tensor& mask,
-                                    bool check_index) {
+                                    bool check_index,
+                                    const std::vector<torch::Tensor>& grad_index = {},
+                                    const std::vector<int64_t>& grad_rows = {}) {
   const size_t F = attn.size();
   TORCH_CHECK(F > 0 && repr.size() == F && index.size() == F && query.size() == F &&
                   scale.size() == F,
               "search_attend: attn, repr, index, query and scale need one entry per field");
+  TORCH_CHECK(grad_index.size() == grad_rows.size() && (grad_index.empty() || grad_index.size() == F),
+              "search_attend: grad_index and grad_rows need one entry per field, or none");
   TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kBool && mask.is_contiguous(),
               "search_attend: mask must be a contiguous bool [B, L] tensor");
   const int64_t B = mask.size(0), L = mask.size(1);
@@ -75,11 +84,24 @@ inline std::vector<Field> fields_of(const std::vector<torch::Tensor>& attn,
                     (f == 0 || shared || q.size(1) == query[0].size(1)),
                 "search_attend: field ", f, ": query must be a contiguous float32 [B, M, da]",
                 " (or [1, 1, da] for a field without index)");
+    const int64_t* gindex = nullptr;
+    int64_t grows = a.size(0);
+    if (!grad_index.empty() && grad_index[f].numel() > 0) {
+      const auto& g = grad_index[f];
+      TORCH_CHECK(!identity && g.dim() == 2 && g.scalar_type() == torch::kLong &&
+                      g.is_contiguous() && g.size(0) == B && g.size(1) == L && grad_rows[f] > 0,
+                  "search_attend: field ", f,
+                  ": grad_index must be a contiguous int64 [B, L] tensor beside an index,",
+                  " into grad_rows > 0 rows");
+      gindex = g.data_ptr<int64_t>();
+      grows = grad_rows[f];
+      check_ids(gindex, B * L, grows, "search_attend: field " + std::to_string(f) + " grad_index");
+    }
     out.push_back(Field{a.data_ptr<float>(), r.data_ptr<float>(),
                         identity ? nullptr : i.data_ptr(), q.data_ptr<float>(), a.size(1),
                         r.size(1), a.stride(0), r.stride(0), a.size(0), off,
                         static_cast<float>(scale[f]), shared,
-                        !identity && i.scalar_type() == torch::kInt});
+                        !identity && i.scalar_type() == torch::kInt, gindex, grows});
     off += r.size(1);
   }
   return out;
@@ -167,6 +189,12 @@ class UserIds {
   std::vector<int64_t> buffer_;
   std::vector<const int64_t*> rows_;
 };
+
+// Field f's gradient rows of user b's behaviours (`ids`: user b's rows read).
+inline const int64_t* grad_ids(const Field& f, const UserIds& ids, int64_t fi, int64_t b,
+                               int64_t L) {
+  return f.gindex ? f.gindex + b * L : ids[fi];
+}
 
 // The rows of the next user, one per behaviour of the current one: a whole user's work ahead
 // of their use (a distance of a few behaviours left many row loads waiting on memory).

@@ -106,8 +106,13 @@ void add_owned_rows(const std::vector<Field>& fs, int64_t f, const bool* MK, int
   std::memset(gr + lo * dr, 0, sizeof(float) * (hi - lo) * dr);
   std::vector<int64_t> own(L), own_next(L);
   UserIds ids(fs, L), next_ids(fs, L);
+  const bool own_index = fs[f].gindex != nullptr;  // the rows read are not needed then
+  auto load = [&](UserIds& at, int64_t b) {
+    if (!own_index) at.load(b);
+  };
+  auto rows_of = [&](const UserIds& at, int64_t b) { return grad_ids(fs[f], at, f, b, L); };
   auto list_owned = [&](const UserIds& at, int64_t b, int64_t* out) {
-    const int64_t* u = at[f];
+    const int64_t* u = rows_of(at, b);
     const bool* mk = MK + b * L;
     int64_t n = 0;
     for (int64_t l = 0; l < L; ++l) {
@@ -116,20 +121,22 @@ void add_owned_rows(const std::vector<Field>& fs, int64_t f, const bool* MK, int
     }
     return n;
   };
-  ids.load(0);
+  load(ids, 0);
   int64_t n = list_owned(ids, 0, own.data());
   for (int64_t b = 0; b < B; ++b) {
     int64_t n_next = 0;
     if (b + 1 < B) {
-      next_ids.load(b + 1);
+      load(next_ids, b + 1);
       n_next = list_owned(next_ids, b + 1, own_next.data());
+      const int64_t* u_next = rows_of(next_ids, b + 1);
       for (int64_t i = 0; i < n_next; ++i) {
-        prefetch(ga, next_ids[f][own_next[i]], da, true);
-        prefetch(gr, next_ids[f][own_next[i]], dr, true);
+        prefetch(ga, u_next[own_next[i]], da, true);
+        prefetch(gr, u_next[own_next[i]], dr, true);
       }
     }
-    add_user_terms<W>(ga, ids[f], own.data(), n, &ta, 1, b, M, L, da);
-    add_user_terms<W>(gr, ids[f], own.data(), n, tr, n_tr, b, M, L, dr);
+    const int64_t* u = rows_of(ids, b);
+    add_user_terms<W>(ga, u, own.data(), n, &ta, 1, b, M, L, da);
+    add_user_terms<W>(gr, u, own.data(), n, tr, n_tr, b, M, L, dr);
     std::swap(ids, next_ids);
     std::swap(own, own_next);
     n = n_next;

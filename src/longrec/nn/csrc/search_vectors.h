@@ -218,21 +218,23 @@ inline void add_outer(const float* w, const bool* mk, const float* go, float* gr
 }
 
 // The gradients of scores s[l] = scale <q, A row(l)> given d(s) = gs: into the rows'
-// gradient (packed, width d) and into gq, prefetching the next user's rows.
+// gradient (packed, width d, at rows gids[l]; A is read at ids[l]) and into gq, prefetching
+// the next user's rows (next, gnext).
 template <int64_t W>
 inline void score_grads(const float* gs, const bool* mk, float scale, const float* q,
-                        const float* A, int64_t sa, float* grad, const int64_t* ids,
-                        const int64_t* next, int64_t L, int64_t d, float* gq) {
+                        const float* A, int64_t sa, const int64_t* ids, const int64_t* next,
+                        float* grad, const int64_t* gids, const int64_t* gnext, int64_t L,
+                        int64_t d, float* gq) {
 #if defined(__AVX512F__)
   if constexpr (W == 16) {
     const __m512 qv = _mm512_loadu_ps(q);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t l = 0; l < L; ++l) {
       prefetch_next(A, sa, next, l);
-      prefetch_next(grad, 16, next, l, true);
+      prefetch_next(grad, 16, gnext, l, true);
       if (!mk[l]) continue;
       const __m512 c = _mm512_set1_ps(gs[l] * scale);
-      float* g = grad + ids[l] * 16;
+      float* g = grad + gids[l] * 16;
       _mm512_storeu_ps(g, _mm512_fmadd_ps(c, qv, _mm512_loadu_ps(g)));
       acc = _mm512_fmadd_ps(c, _mm512_loadu_ps(A + ids[l] * sa), acc);
     }
@@ -242,10 +244,10 @@ inline void score_grads(const float* gs, const bool* mk, float scale, const floa
 #endif
   for (int64_t l = 0; l < L; ++l) {
     prefetch_next(A, sa, next, l);
-    prefetch_next(grad, d, next, l, true);
+    prefetch_next(grad, d, gnext, l, true);
     if (!mk[l]) continue;
     const float c = gs[l] * scale;
-    axpy(grad + ids[l] * d, c, q, d);
+    axpy(grad + gids[l] * d, c, q, d);
     axpy(gq, c, A + ids[l] * sa, d);
   }
 }
