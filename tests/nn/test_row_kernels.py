@@ -129,14 +129,22 @@ def test_dedup_ids_includes_an_id_present_or_not():
     assert uniq.tolist() == [3, 5, 9]
 
 
-def test_dedup_ids_matches_torch_unique_on_a_long_batch():
-    """The inverse is written by several threads from one thread's slot table."""
+def test_dedup_ids_matches_torch_unique_on_long_batches():
+    """Long batches are marked by several threads in bitmaps of their own, which are merged
+    and must be left clear: consecutive calls with other ids (and parts that straddle the
+    threads' shares) each give torch.unique's answer."""
     g = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 200_000, (2048, 200), generator=g)
-    uniq, inverse = row_kernels.dedup_ids(ids, vocab=200_000)
-    want_uniq, want_inverse = torch.unique(ids, return_inverse=True)
-    assert torch.equal(uniq, want_uniq)
-    assert torch.equal(inverse, want_inverse)
+    for low, high in ((0, 200_000), (150_000, 400_000), (0, 1000)):
+        ids = torch.randint(low, high, (2048, 200), generator=g)
+        uniq, inverse = row_kernels.dedup_ids(ids, vocab=400_000)
+        want_uniq, want_inverse = torch.unique(ids, return_inverse=True)
+        assert torch.equal(uniq, want_uniq)
+        assert torch.equal(inverse, want_inverse)
+        head, tail = ids[:1500], ids[1500:, :7]
+        uniq, (h_inv, t_inv) = row_kernels.dedup_parts([head, tail.contiguous()], 400_000, 0)
+        both = torch.cat((head.reshape(-1), tail.reshape(-1), torch.zeros(1, dtype=torch.long)))
+        assert torch.equal(uniq, torch.unique(both))
+        assert torch.equal(uniq[h_inv], head) and torch.equal(uniq[t_inv], tail)
 
 
 def test_scatter_distinct_rows_equals_index_add():

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -12,8 +13,13 @@ constexpr int64_t kAhead = 4;  // behaviours prefetched ahead (4 beat 8, 16 and 
 // Rows are read and written unchecked by the kernels: every id must lie in [0, rows).
 template <typename Id>
 inline void check_ids(const Id* ids, int64_t n, int64_t rows, const std::string& what) {
-  int64_t bad = 0;
-  for (int64_t p = 0; p < n; ++p) bad += (ids[p] < 0) | (ids[p] >= rows);
+  const int64_t bad = at::parallel_reduce(
+      0, n, int64_t{1} << 16, int64_t{0},
+      [&](int64_t p0, int64_t p1, int64_t count) {
+        for (int64_t p = p0; p < p1; ++p) count += (ids[p] < 0) | (ids[p] >= rows);
+        return count;
+      },
+      std::plus<int64_t>());
   TORCH_CHECK(bad == 0, what, ": ", bad, " ids outside [0, ", rows, ")");
 }
 
@@ -23,12 +29,18 @@ inline void check_ids(const Id* ids, int64_t n, int64_t rows, const std::string&
 // Ids must be checked first (check_ids): a call that stops half-way would leave bits set.
 class IdBitmap {
  public:
-  static IdBitmap& for_thread(int64_t vocab) {
+  static IdBitmap& for_thread(int64_t vocab, bool with_slots = true) {
     static thread_local IdBitmap map;
     map.words_ = (vocab + 63) / 64;
     if (static_cast<int64_t>(map.bits_.size()) < map.words_) map.bits_.resize(map.words_, 0);
-    if (static_cast<int64_t>(map.slot_.size()) < vocab) map.slot_.resize(vocab);
+    if (with_slots && static_cast<int64_t>(map.slot_.size()) < vocab) map.slot_.resize(vocab);
     return map;
+  }
+  int64_t words() const { return words_; }
+  // Words [w0, w1) of `other` (same vocabulary) ORed into this one's and cleared there: the
+  // bitmaps that several threads filled, merged range by range.
+  void absorb(IdBitmap& other, int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) bits_[w] |= other.bits_[w], other.bits_[w] = 0;
   }
   void set(int64_t id) { bits_[id >> 6] |= uint64_t{1} << (id & 63); }
   bool test_and_set(int64_t id) {  // whether id was set already
@@ -58,9 +70,14 @@ class IdBitmap {
   }
   template <typename Visit>
   void visit(Visit&& visit) const {  // the set ids in increasing order, left set
-    for (int64_t w = 0; w < words_; ++w)
+    visit_words(0, words_, visit);
+  }
+  template <typename Visit>
+  void visit_words(int64_t w0, int64_t w1, Visit&& visit) const {  // those of words [w0, w1)
+    for (int64_t w = w0; w < w1; ++w)
       for (uint64_t word = bits_[w]; word; word &= word - 1) visit(w * 64 + __builtin_ctzll(word));
   }
+  int64_t before(int64_t w) const { return before_[w]; }  // set ids below word w (number())
   void clear() { std::fill(bits_.begin(), bits_.begin() + words_, 0); }
   template <typename Visit>
   void drain(Visit&& visit) {

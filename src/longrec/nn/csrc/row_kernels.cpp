@@ -210,24 +210,46 @@ torch::Tensor scatter_distinct_rows(const torch::Tensor& ids, const torch::Tenso
 template <typename Id>
 std::vector<torch::Tensor> dedup_ids_of(const std::vector<torch::Tensor>& parts, int64_t vocab,
                                         int64_t include) {
-  for (const auto& ids : parts)  // first: the bitmap must be left clear
+  for (const auto& ids : parts)  // first: the bitmaps must be left clear
     check_ids(ids.data_ptr<Id>(), ids.numel(), vocab, "dedup_ids");
   TORCH_CHECK(include < vocab, "dedup_ids: id ", include, " outside [0, ", vocab, ")");
-  IdBitmap& map = IdBitmap::for_thread(vocab);
-  if (include >= 0) map.set(include);
-  for (const auto& ids : parts) {
-    const Id* I = ids.data_ptr<Id>();
-    for (int64_t p = 0, n = ids.numel(); p < n; ++p) map.set(I[p]);
-  }
+  IdBitmap& map = IdBitmap::for_thread(vocab, false);
   struct Clear {  // the bitmap is left clear even if an allocation below throws
     IdBitmap& map;
     ~Clear() { map.clear(); }
   } clear{map};
+  if (include >= 0) map.set(include);
+  // Each thread marks a share of the ids in its own bitmap; the others are then ORed into this
+  // thread's, word range by word range (one thread marking every id took half of a call).
+  std::vector<int64_t> ends;  // the parts' ends in one flat range of ids
+  for (const auto& ids : parts) ends.push_back((ends.empty() ? 0 : ends.back()) + ids.numel());
+  std::vector<IdBitmap*> maps(at::get_num_threads(), nullptr);
+  at::parallel_for(0, ends.back(), int64_t{1} << 16, [&](int64_t p0, int64_t p1) {
+    IdBitmap& mine = IdBitmap::for_thread(vocab, false);
+    maps[at::get_thread_num()] = &mine;
+    for (size_t k = 0; k < parts.size(); ++k) {
+      const int64_t start = k ? ends[k - 1] : 0;
+      const Id* I = parts[k].data_ptr<Id>();
+      for (int64_t p = std::max(p0, start), e = std::min(p1, ends[k]); p < e; ++p)
+        mine.set(I[p - start]);
+    }
+  });
+  std::vector<IdBitmap*> others;
+  for (IdBitmap* m : maps)
+    if (m && m != &map && std::find(others.begin(), others.end(), m) == others.end())
+      others.push_back(m);
+  const int64_t words = map.words();
+  at::parallel_for(0, words, int64_t{1} << 12, [&](int64_t w0, int64_t w1) {
+    for (IdBitmap* m : others) map.absorb(*m, w0, w1);
+  });
   const int64_t distinct_n = map.number();
   auto options = parts[0].options().dtype(torch::kLong);
   auto distinct = torch::empty({distinct_n}, options);
   int64_t* D = distinct.data_ptr<int64_t>();
-  map.visit([&](int64_t id) { *D++ = id; });
+  at::parallel_for(0, words, int64_t{1} << 12, [&](int64_t w0, int64_t w1) {
+    int64_t* out = D + map.before(w0);
+    map.visit_words(w0, w1, [&](int64_t id) { *out++ = id; });
+  });
   std::vector<torch::Tensor> out{distinct};
   const IdBitmap& ranks = map;  // this thread's bitmap, read by the pool's threads
   for (const auto& ids : parts) {
