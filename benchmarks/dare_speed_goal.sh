@@ -15,6 +15,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$1 rounds=${2:-5} steps=${3:-30}
 longrec="$root/.venv/bin/longrec" py="$root/.venv/bin/python"
+# the C++ kernels where `make kernels` built them (else they build on first use)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}
 mkdir -p "$work"
 cd "$work"
 

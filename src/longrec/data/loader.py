@@ -3,13 +3,14 @@
 A batch holds B requests; each request is the samples sharing a `request_id` (one user, one
 history, up to M targets). Pointwise loading is the M = 1 case: every sample its own request.
 The history of a request is the store rows `[max(user_start, hist_end - max_len), hist_end)`,
-gathered for the whole batch with one index matrix (torch indexing, which runs in C++ without
-the GIL, so the prefetch thread overlaps the training step). Batch `i` of epoch `e` depends only
+copied for the whole batch by one C++ call (or gathered with one index matrix), which runs
+without the GIL, so the prefetch thread overlaps the training step. Batch `i` of epoch `e` depends only
 on (seed, e, i), so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
 from longrec.data.lengths import LengthSampling, bucketed_batches, sample_lengths
 from longrec.errors import UserError
+from longrec.nn import row_kernels
 
 _SAMPLE_COLUMNS = {"user", "hist_end", "target_ts", "label", "request_id"}
 
@@ -35,7 +37,8 @@ class LoaderConfig:
     seed: int = 0
     drop_last: bool = False
     pad_multiple: int = 8  # L is rounded up to this (kernel-friendly), never beyond max_len
-    prefetch: int = 2  # batches prepared ahead in a background thread (0 = none)
+    # batches prepared ahead in a background thread (0 = none); None: `default_prefetch()`
+    prefetch: int | None = None
     rank: int = 0  # data-parallel shard of this process
     world_size: int = 1
     history_fields: tuple[str, ...] | None = None  # default: every store field
@@ -204,12 +207,20 @@ class BatchLoader:
         )
 
     def _gather_history(self, lo: torch.Tensor, end: torch.Tensor, length: int):
-        """Left-padded [B, L] history fields. Dense batches gather a [B, L] index matrix;
-        mostly-padding batches (long max_len, short histories) gather only the real behaviours
-        and scatter them into zero-filled outputs, so work follows the real length."""
+        """Left-padded [B, L] history fields. With the C++ extension, one copy per history
+        (row_kernels.gather_ranges: 3-5x faster, and single-threaded, so that the prefetch
+        thread does not compete with the training step's threads). Else dense batches gather a
+        [B, L] index matrix; mostly-padding batches (long max_len, short histories) gather only
+        the real behaviours and scatter them into zero-filled outputs."""
         n = end - lo
         b = len(n)
         mask = torch.arange(length)[None, :] >= (length - n)[:, None]
+        if row_kernels.available():
+            history = {
+                name: row_kernels.gather_ranges(arr, lo, end, length)
+                for name, arr in self._store.items()
+            }
+            return history, row_kernels.gather_ranges(self._ts, lo, end, length), mask
         total = int(n.sum())
         history = {}
         if total >= 0.6 * b * length:
@@ -233,13 +244,25 @@ class BatchLoader:
         chunks = self.batch_requests(epoch)[start_batch:]
         caps = self.caps(epoch)
         batches = (self.make_batch(r, None if caps is None else caps[r]) for r in chunks)
-        if self.cfg.prefetch <= 0:
+        depth = self.cfg.prefetch
+        if depth is None:
+            depth = default_prefetch(self.cfg.world_size)
+        if depth <= 0:
             yield from batches
             return
-        yield from _prefetch(batches, self.cfg.prefetch)
+        yield from _prefetch(batches, depth)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_epoch()
+
+
+def default_prefetch(world_size: int = 1) -> int:
+    """2 where the machine has a core beyond those of the training processes' threads, else 0.
+    Without a spare core the prefetch thread only takes one from the step's parallel regions:
+    on 2 cores, DARE's steps ran 1.1-1.2x longer beside it than the batches cost to build in
+    line (BENCHMARKS.md, "The loader beside the step")."""
+    spare = (os.cpu_count() or 1) - torch.get_num_threads() * max(world_size, 1)
+    return 2 if spare > 0 else 0
 
 
 def _round_up(n: int, multiple: int) -> int:

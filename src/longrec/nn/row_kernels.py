@@ -122,6 +122,12 @@ def dedup_parts(
     return uniq, inverses
 
 
+def gather_ranges(values: Tensor, lo: Tensor, end: Tensor, length: int) -> Tensor:
+    """[B, length, ...]: rows [lo[b], end[b]) of `values` at the end of row b, zeros before
+    (the loader's left-padded histories); single-threaded."""
+    return _extension().gather_ranges(values.contiguous(), lo.long(), end.long(), length)
+
+
 def lookup_rows(weight: Tensor, ids: Tensor) -> Tensor:
     """weight[ids] ([V, d] float32 at int64 ids [N]) with the rows prefetched ahead."""
     return _extension().lookup_rows(weight, ids.contiguous().long())

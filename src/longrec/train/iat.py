@@ -52,7 +52,7 @@ def source_tokens(
             max_len=max_len,
             layout="request",
             shuffle=False,
-            prefetch=2,
+            prefetch=None,  # loader.default_prefetch
             history_fields=model.history_fields(),
         ),
     )

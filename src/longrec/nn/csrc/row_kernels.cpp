@@ -305,6 +305,43 @@ torch::Tensor lookup_rows(const torch::Tensor& weight, const torch::Tensor& ids)
   return out;
 }
 
+// Left-padded histories: out[b] holds rows [lo[b], end[b]) of `values` ([N] or [N, W], any
+// dtype, contiguous) in its last end[b] - lo[b] of `length` slots and zeros before them. One
+// memcpy per history: the loader's index-matrix gathers took 10 ms a DARE batch (2048 x 200,
+// two fields and the timestamps). Single-threaded on purpose: it runs in the loader's prefetch
+// thread beside the training step's threads, where a parallel region of its own would
+// oversubscribe the cores (BENCHMARKS.md).
+torch::Tensor gather_ranges(const torch::Tensor& values, const torch::Tensor& lo,
+                            const torch::Tensor& end, int64_t length) {
+  TORCH_CHECK(values.dim() >= 1 && values.is_contiguous(),
+              "gather_ranges: values must be a contiguous [N, ...] tensor");
+  TORCH_CHECK(lo.dim() == 1 && end.dim() == 1 && lo.size(0) == end.size(0) &&
+                  lo.scalar_type() == torch::kLong && end.scalar_type() == torch::kLong &&
+                  lo.is_contiguous() && end.is_contiguous(),
+              "gather_ranges: lo and end must be contiguous int64 [B] tensors");
+  TORCH_CHECK(length >= 0, "gather_ranges: length must be >= 0");
+  const int64_t B = lo.size(0), N = values.size(0);
+  const int64_t* LO = lo.data_ptr<int64_t>();
+  const int64_t* END = end.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= LO[b] && LO[b] <= END[b] && END[b] <= N && END[b] - LO[b] <= length,
+                "gather_ranges: history ", b, " is rows [", LO[b], ", ", END[b], ") of ", N,
+                ", longer than ", length, " or outside them");
+  std::vector<int64_t> shape{B, length};
+  for (int64_t d = 1; d < values.dim(); ++d) shape.push_back(values.size(d));
+  auto out = torch::empty(shape, values.options());
+  const int64_t row = values.numel() / std::max<int64_t>(N, 1) * values.element_size();
+  const char* src = static_cast<const char*>(values.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = END[b] - LO[b];
+    char* o = dst + b * length * row;
+    std::memset(o, 0, (length - n) * row);
+    std::memcpy(o + (length - n) * row, src + LO[b] * row, n * row);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("search_attend", &search_attend, "soft top-k search and attention, one pass per user");
   m.def("search_attend_backward", &search_attend_backward, "its gradients");
@@ -318,4 +355,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_backward", &gather_backward, "rows' and per-target gradients in one pass");
   m.def("gather_dot", &gather_dot, "scores of per-target queries against indexed rows");
   m.def("gather_pool", &gather_pool, "per-target weighted sums of indexed rows");
+  m.def("gather_ranges", &gather_ranges, "left-padded histories, one copy per history");
 }
