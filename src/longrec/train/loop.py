@@ -189,8 +189,9 @@ class Trainer:
         done = state["step"] >= self.total_steps or state["stopped_early"]
         while not done and state["epoch"] < self.epochs:
             start = state["batch_in_epoch"]
+            # training time: building or waiting for the batch plus its step, not validation
+            t0 = time.perf_counter()
             for i, batch in enumerate(self.loader.iter_epoch(state["epoch"], start), start=start):
-                t0 = time.perf_counter()
                 loss = self._step(batch, state["step"])
                 state["train_seconds"] += time.perf_counter() - t0
                 state["train_samples"] += int(batch.target_mask.sum())
@@ -224,6 +225,7 @@ class Trainer:
                 if last or state["stopped_early"]:
                     done = True
                     break
+                t0 = time.perf_counter()
             if not done:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
