@@ -45,10 +45,21 @@ def test_gather_ranges_refuses_ranges_outside_the_rows_or_too_long():
 
 @pytest.mark.parametrize("layout", ["pointwise", "request"])
 @pytest.mark.parametrize("max_len", [50, 200])
-def test_batches_equal_the_pytorch_gathers(prepared_taobao, monkeypatch, layout, max_len):
-    """Real data: every history field, the timestamps and the mask, short and long caps."""
+@pytest.mark.parametrize("history_ts", [True, False])
+def test_batches_equal_the_pytorch_gathers(
+    prepared_taobao, monkeypatch, layout, max_len, history_ts
+):
+    """Real data: every history field, the timestamps (or zeros, for models that never read
+    them) and the mask, short and long caps."""
     ds = PreparedDataset(prepared_taobao)
-    cfg = LoaderConfig(batch_size=64, max_len=max_len, layout=layout, shuffle=True, prefetch=0)
+    cfg = LoaderConfig(
+        batch_size=64,
+        max_len=max_len,
+        layout=layout,
+        shuffle=True,
+        prefetch=0,
+        history_ts=history_ts,
+    )
     fast = BatchLoader(ds, "train", cfg)
     requests = fast.batch_requests(0)[:3]
     got = [fast.make_batch(r) for r in requests]
@@ -59,6 +70,7 @@ def test_batches_equal_the_pytorch_gathers(prepared_taobao, monkeypatch, layout,
         for name in a.history:
             assert torch.equal(a.history[name], b.history[name]), name
         assert torch.equal(a.history_ts, b.history_ts)
+        assert history_ts == bool(a.history_ts.any())
         assert torch.equal(a.history_mask, b.history_mask)
         assert torch.equal(a.label, b.label)
 

@@ -42,6 +42,7 @@ class LoaderConfig:
     rank: int = 0  # data-parallel shard of this process
     world_size: int = 1
     history_fields: tuple[str, ...] | None = None  # default: every store field
+    history_ts: bool = True  # False: `Batch.history_ts` is zeros (models that never read it)
     lengths: LengthSampling = field(default_factory=LengthSampling)  # per-request training lengths
     bucket: bool = False  # group requests of similar length into batches (less padding)
     bucket_window: int = 50  # batches per sorting window
@@ -215,29 +216,37 @@ class BatchLoader:
         n = end - lo
         b = len(n)
         mask = torch.arange(length)[None, :] >= (length - n)[:, None]
+        arrays = dict(self._store)
+        if self.cfg.history_ts:
+            arrays[" ts"] = self._ts  # (a name no store field has)
         if row_kernels.available():
             history = {
                 name: row_kernels.gather_ranges(arr, lo, end, length)
-                for name, arr in self._store.items()
+                for name, arr in arrays.items()
             }
-            return history, row_kernels.gather_ranges(self._ts, lo, end, length), mask
-        total = int(n.sum())
-        history = {}
-        if total >= 0.6 * b * length:
+        elif int(n.sum()) >= 0.6 * b * length:
             idx = end[:, None] - length + torch.arange(length)[None, :]
             idx = torch.where(mask, idx, torch.zeros((), dtype=idx.dtype))
-            for name, arr in self._store.items():
+            history = {}
+            for name, arr in arrays.items():
                 vals = arr[idx]
                 history[name] = vals * (mask if vals.dim() == 2 else mask[..., None])
-            return history, self._ts[idx] * mask, mask
-        row_start = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n, output_size=total)
-        src = torch.arange(total) + row_start
-        for name, arr in self._store.items():
-            vals = arr[src]
-            shaped = mask if vals.dim() == 1 else mask[..., None].expand(b, length, *vals.shape[1:])
-            history[name] = vals.new_zeros(shaped.shape).masked_scatter_(shaped, vals)
-        ts = self._ts[src]
-        return history, ts.new_zeros(mask.shape).masked_scatter_(mask, ts), mask
+        else:
+            total = int(n.sum())
+            row_start = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n, output_size=total)
+            src = torch.arange(total) + row_start
+            history = {}
+            for name, arr in arrays.items():
+                vals = arr[src]
+                shaped = (
+                    mask if vals.dim() == 1 else mask[..., None].expand(b, length, *vals.shape[1:])
+                )
+                history[name] = vals.new_zeros(shaped.shape).masked_scatter_(shaped, vals)
+        # zeros without memory where the model never reads the timestamps
+        ts = history.pop(" ts", None)
+        if ts is None:
+            ts = torch.zeros((), dtype=self._ts.dtype).expand(b, length)
+        return history, ts, mask
 
     def iter_epoch(self, epoch: int | None = None, start_batch: int = 0) -> Iterator[Batch]:
         epoch = self.epoch if epoch is None else epoch

@@ -122,6 +122,11 @@ class SequenceModel(nn.Module, ABC):
                 names.append(extra)
         return tuple(names)
 
+    def reads_history_ts(self) -> bool:
+        """Whether the model reads `batch.history_ts`: the loader copies the timestamps (8 bytes
+        a behaviour) only for models that do."""
+        return True
+
     def _reads(self, name: str) -> bool:
         """Whether the search stage reads `name` beyond the embedded fields (hard search)."""
         return getattr(self.params, "search", None) == "hard" or name == getattr(

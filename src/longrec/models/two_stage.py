@@ -142,6 +142,9 @@ class TwoStageModel(SequenceModel):
         logits, aux = self._run(state, batch, aux=self.aux_head is not None, cache=cache)
         return logits, ([(aux, self.params.aux_weight)] if aux is not None else [])
 
+    def reads_history_ts(self) -> bool:
+        return False  # positions, not times (SPEC §3.4); hard search matches categories
+
     def search_scores(self, batch: Batch) -> Tensor:
         state = self.encode_user(batch)
         if self.params.search == "hard":

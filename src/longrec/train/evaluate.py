@@ -33,6 +33,7 @@ def predict_split(
             shuffle=False,
             prefetch=cfg.data.prefetch,
             history_fields=model.history_fields(),
+            history_ts=model.reads_history_ts(),
             token_store=cfg.data.token_store,
             max_tokens=cfg.data.max_tokens,
         ),

@@ -116,6 +116,7 @@ class Trainer:
                 rank=self.rank,
                 world_size=self.world_size,
                 history_fields=self.model.history_fields(),
+                history_ts=self.model.reads_history_ts(),
                 lengths=LengthSampling(
                     cfg.data.train_lengths,
                     cfg.data.train_min_len,
