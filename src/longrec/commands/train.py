@@ -68,12 +68,17 @@ def train_command(
     from longrec.errors import UserError
     from longrec.report.runs import metrics_table
     from longrec.train.loop import Trainer
+    from longrec.train.optim import dense_update_hint
 
     rank = int(os.environ.get("RANK", 0))
     if rank == 0 and out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise UserError(f"{out} exists; pass --resume to continue it or --overwrite to start over")
     cfg = resolve(config, set or [], data__path=str(data), model__name=model)
-    metrics = Trainer(cfg, out).fit(resume=resume)
+    trainer = Trainer(cfg, out)
+    hint = dense_update_hint(trainer.model, cfg.train)
+    if hint and rank == 0:
+        print(hint, file=sys.stderr)
+    metrics = trainer.fit(resume=resume)
     if metrics:  # rank 0 of a data-parallel run, or a single process
         print(metrics_table({cfg.model.name: metrics}))
 
