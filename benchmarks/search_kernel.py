@@ -66,9 +66,7 @@ def main() -> None:
     n, scale, mask, k, full, *tensors = capture_inputs(args.data, args.overrides)
     # the rows read (the tables, in training) and each field's gradient index and rows
     _, _, index, query, attn, repr_, grad_index = search_attention._fields(tensors, n)
-    grad_rows = [
-        a.shape[0] if g.numel() else 0 for a, g in zip(tensors[:n], grad_index, strict=True)
-    ]
+    grad_rows = search_attention.grad_rows(tensors[:n], grad_index)
     ext = row_kernels._extension()
     top, idx, _, w_top, pooled_all, w_all = ext.search_attend(
         attn, repr_, index, query, scale, mask, k, full

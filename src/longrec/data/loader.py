@@ -216,37 +216,36 @@ class BatchLoader:
         n = end - lo
         b = len(n)
         mask = torch.arange(length)[None, :] >= (length - n)[:, None]
-        arrays = dict(self._store)
-        if self.cfg.history_ts:
-            arrays[" ts"] = self._ts  # (a name no store field has)
+        total = int(n.sum())
         if row_kernels.available():
-            history = {
-                name: row_kernels.gather_ranges(arr, lo, end, length)
-                for name, arr in arrays.items()
-            }
-        elif int(n.sum()) >= 0.6 * b * length:
+
+            def take(arr: torch.Tensor) -> torch.Tensor:
+                return row_kernels.gather_ranges(arr, lo, end, length)
+
+        elif total >= 0.6 * b * length:
             idx = end[:, None] - length + torch.arange(length)[None, :]
             idx = torch.where(mask, idx, torch.zeros((), dtype=idx.dtype))
-            history = {}
-            for name, arr in arrays.items():
+
+            def take(arr: torch.Tensor) -> torch.Tensor:
                 vals = arr[idx]
-                history[name] = vals * (mask if vals.dim() == 2 else mask[..., None])
+                return vals * (mask if vals.dim() == 2 else mask[..., None])
+
         else:
-            total = int(n.sum())
             row_start = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n, output_size=total)
             src = torch.arange(total) + row_start
-            history = {}
-            for name, arr in arrays.items():
+
+            def take(arr: torch.Tensor) -> torch.Tensor:
                 vals = arr[src]
                 shaped = (
                     mask if vals.dim() == 1 else mask[..., None].expand(b, length, *vals.shape[1:])
                 )
-                history[name] = vals.new_zeros(shaped.shape).masked_scatter_(shaped, vals)
+                return vals.new_zeros(shaped.shape).masked_scatter_(shaped, vals)
+
+        history = {name: take(arr) for name, arr in self._store.items()}
+        if self.cfg.history_ts:
+            return history, take(self._ts), mask
         # zeros without memory where the model never reads the timestamps
-        ts = history.pop(" ts", None)
-        if ts is None:
-            ts = torch.zeros((), dtype=self._ts.dtype).expand(b, length)
-        return history, ts, mask
+        return history, torch.zeros((), dtype=self._ts.dtype).expand(b, length), mask
 
     def iter_epoch(self, epoch: int | None = None, start_batch: int = 0) -> Iterator[Batch]:
         epoch = self.epoch if epoch is None else epoch
@@ -269,7 +268,7 @@ def default_prefetch(world_size: int = 1) -> int:
     """2 where the machine has a core beyond those of the training processes' threads, else 0.
     Without a spare core the prefetch thread only takes one from the step's parallel regions:
     on 2 cores, DARE's steps ran 1.1-1.2x longer beside it than the batches cost to build in
-    line (BENCHMARKS.md, "The loader beside the step")."""
+    line (BENCHMARKS.md, the DARE speed goal's 2026-12-07 subsection)."""
     spare = (os.cpu_count() or 1) - torch.get_num_threads() * max(world_size, 1)
     return 2 if spare > 0 else 0
 

@@ -59,9 +59,7 @@ class _SearchAttend(torch.autograd.Function):
             read_a, read_r, index, query, scale, mask, k, full
         )
         ctx.n, ctx.scale = n, scale
-        ctx.grad_rows = [
-            a.shape[0] if g.numel() else 0 for a, g in zip(attn, grad_index, strict=True)
-        ]
+        ctx.grad_rows = grad_rows(attn, grad_index)
         ctx.save_for_backward(mask, idx, w_top, w_all, *tensors)
         ctx.mark_non_differentiable(idx, valid)
         return top, pooled_all, idx, valid
@@ -96,6 +94,12 @@ class _SearchAttend(torch.autograd.Function):
 
 def _fields(tensors, n: int) -> list[list[Tensor]]:
     return [list(tensors[i * n : (i + 1) * n]) for i in range(7)]
+
+
+def grad_rows(attn: list[Tensor], grad_index: list[Tensor]) -> list[int]:
+    """Each field's gradient rows where it has a gradient index of its own (the count of the
+    distinct rows' stand-ins), else 0 (the rows read)."""
+    return [a.shape[0] if g.numel() else 0 for a, g in zip(attn, grad_index, strict=True)]
 
 
 def applicable(*tensors: Tensor) -> bool:

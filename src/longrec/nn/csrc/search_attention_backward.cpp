@@ -108,11 +108,8 @@ std::vector<torch::Tensor> search_attend_backward(
         for_each_user(fs, L, b0, b1, [&](int64_t b, const UserIds& ids, auto& next_of) {
           const bool* mk = MK + b * L;
           // field f's gradient rows of this user's behaviours, and the next user's
-          auto gids = [&](int64_t f) { return grad_ids(fs[f], ids, f, b, L); };
-          auto gnext = [&](int64_t f, int64_t m) -> const int64_t* {
-            const int64_t* next = next_of(f, m);
-            return next && fs[f].gindex ? fs[f].gindex + (b + 1) * L : next;
-          };
+          auto gids = [&](int64_t f) { return grad_ids(fs[f], ids[f], b, L); };
+          auto gnext = [&](int64_t f, int64_t m) { return grad_ids(fs[f], next_of(f, m), b + 1, L); };
           std::fill(gs.begin(), gs.end(), 0.f);
           float* ct = any_owned ? CT + b * M * L : nullptr;
           if (ct) std::fill(ct, ct + M * L, 0.f);

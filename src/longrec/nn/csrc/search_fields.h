@@ -190,10 +190,10 @@ class UserIds {
   std::vector<const int64_t*> rows_;
 };
 
-// Field f's gradient rows of user b's behaviours (`ids`: user b's rows read).
-inline const int64_t* grad_ids(const Field& f, const UserIds& ids, int64_t fi, int64_t b,
-                               int64_t L) {
-  return f.gindex ? f.gindex + b * L : ids[fi];
+// Field f's gradient rows of user b's behaviours, given the rows read (`read`, may be null:
+// then null too, as for a next user that does not exist).
+inline const int64_t* grad_ids(const Field& f, const int64_t* read, int64_t b, int64_t L) {
+  return read && f.gindex ? f.gindex + b * L : read;
 }
 
 // The rows of the next user, one per behaviour of the current one: a whole user's work ahead

@@ -110,7 +110,8 @@ void add_owned_rows(const std::vector<Field>& fs, int64_t f, const bool* MK, int
   auto load = [&](UserIds& at, int64_t b) {
     if (!own_index) at.load(b);
   };
-  auto rows_of = [&](const UserIds& at, int64_t b) { return grad_ids(fs[f], at, f, b, L); };
+  // (with a gindex `at` is never loaded: its rows are a placeholder that grad_ids passes over)
+  auto rows_of = [&](const UserIds& at, int64_t b) { return grad_ids(fs[f], at[f], b, L); };
   auto list_owned = [&](const UserIds& at, int64_t b, int64_t* out) {
     const int64_t* u = rows_of(at, b);
     const bool* mk = MK + b * L;
