@@ -100,18 +100,48 @@ def _count_history_calls(model: StcaModel) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_history_transform_runs_once_per_user(schema, helpers, per_layer):
     batch = _request_batch(helpers, schema)  # B = 3, M = 5, L = 40
-    model = _model(schema, token_dedup=False, history_per_layer=per_layer).train()
+    params = {"history_per_layer": per_layer, "layers": 2, "tied_query": False}
+    model = _model(schema, token_dedup=False, **params).train()
     calls = _count_history_calls(model)
     _loss(model, batch).backward()
     n_stacks = model.params.layers if per_layer else 1
-    assert calls == [(3, 40, model.params.dim)] * n_stacks  # [B, L, d]: not B·M rows
+    assert calls == [(3, 40, model.dim)] * n_stacks  # [B, L, d]: not B·M rows
     # with de-duplication: once, on at most B·L distinct tokens
-    model = _model(schema, history_per_layer=per_layer).eval()
+    model = _model(schema, **params).eval()
     calls = _count_history_calls(model)
     with torch.no_grad():
         model(_request_batch(helpers, schema, repeats=True))
     assert len(calls) == n_stacks
     assert all(len(c) == 2 and c[0] <= 3 * 40 // 2 for c in calls)
+
+
+def test_tied_queries_go_through_the_history_transform(schema, helpers):
+    """With `tied_query` the stack also maps the queries ([B, M, d]), never B·M histories."""
+    batch = _request_batch(helpers, schema)
+    model = _model(schema, token_dedup=False, layers=2).train()
+    calls = _count_history_calls(model)
+    _loss(model, batch).backward()
+    assert calls == [(3, 40, model.dim), (3, 5, model.dim), (3, 5, model.dim)]
+
+
+def test_starts_as_similarity_search(schema, helpers):
+    """At init (identity attention, residual stack at identity) a target's attention peaks on
+    the history slots holding the same item: relevance is the embeddings' similarity."""
+    batch = _request_batch(helpers, schema, b=2, m=1, length=30)
+    target = {f: v.clone() for f, v in batch.target.items()}
+    for f in target:
+        target[f][:, 0] = batch.history[f][:, -7]  # the target is the 7th most recent behaviour
+    batch = replace(batch, target=target)
+    model = _model(schema).eval()
+    with torch.no_grad():
+        scores = model.search_scores(batch)[:, 0]  # [B, L]
+    same = batch.history["item"] == batch.target["item"][:, :1]
+    for row in range(2):
+        assert (
+            scores[row][same[row]].min() > scores[row][~same[row] & batch.history_mask[row]].max()
+        )
+    # QK-norm bounds every score by the temperature
+    assert scores.abs().max() <= model.params.temperature + 1e-5
 
 
 # -- speed options change nothing -----------------------------------------------------------
@@ -152,10 +182,12 @@ def test_checkpointing_gives_the_same_loss_and_gradients(schema, helpers, segmen
 
 
 def test_checkpointing_recomputes_in_backward(schema, helpers):
-    model = _model(schema, checkpoint=True, checkpoint_tokens=50, token_dedup=False).train()
+    params = {"checkpoint_tokens": 50, "token_dedup": False, "tied_query": False}
+    model = _model(schema, checkpoint=True, **params).train()
     calls = _count_history_calls(model)
     loss = _loss(model, _request_batch(helpers, schema))  # B·L = 120 tokens: 3 segments
-    assert calls == [(50, 64), (50, 64), (20, 64)]
+    d = model.dim
+    assert calls == [(50, d), (50, d), (20, d)]
     loss.backward()
     assert len(calls) == 6  # each segment ran again in the backward pass
 
@@ -211,11 +243,14 @@ def test_time_delta(schema, batch, helpers):
 @pytest.mark.parametrize(
     "params",
     [
-        {"history_per_layer": True},
-        {"query_fusion": False},
-        {"layers": 3, "heads": 2, "history_ffn_depth": 1},
-        {"head_target": False, "token_norm": False},
-        {"layers": 1},
+        {"history_per_layer": True, "layers": 2},
+        {"query_fusion": False, "layers": 2},
+        {"layers": 3, "heads": 2, "history_ffn_depth": 2},
+        {"head_target": False, "head_interest": False, "token_norm": True},
+        {"dim": 64, "heads": 4, "layers": 2},
+        # the paper's literal form: no residual, untied queries, default init, unbounded scores
+        {"residual": False, "tied_query": False, "attn_init": "default", "qk_norm": False},
+        {"qk_norm": False, "layers": 2, "heads": 2, "kernel": "reassociated"},
     ],
 )
 def test_options_run(schema, batch, helpers, params):
@@ -236,3 +271,7 @@ def test_bad_parameters(schema):
         _model(schema, kernel="flash")
     with pytest.raises(UserError, match="divisible"):
         _model(schema, dim=10, heads=4)
+    with pytest.raises(UserError, match="attn_init"):
+        _model(schema, attn_init="zeros")
+    with pytest.raises(UserError, match="temperature"):
+        _model(schema, temperature=0.0)

@@ -55,24 +55,38 @@ def cross_attention_plain(
     w_v: Tensor,
     heads: int,
     return_scores: bool = True,
+    temperature: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """query [B, M, d], x [B, L, d], mask [B, L] -> (heads concatenated before W_O [B, M, d],
     scaled scores [B, M, h, L], padding set to finfo.min / 2). The reference form: K and V
     materialised, `nn.attention.masked_softmax`. Without `return_scores` the per-head
     attention runs fused (`F.scaled_dot_product_attention`: no [B, M, h, L] tensor), which is
-    what makes this form fast for hundreds of candidates."""
+    what makes this form fast for hundreds of candidates.
+
+    With a `temperature` [h] (QK-norm), each head's query and key are scaled to unit length and
+    the score is temperature x their cosine instead of q·k/√d_h: bounded by the temperature
+    whatever the weights grow to."""
     b, m, d = query.shape
     dh = d // heads
     q = (query @ w_q.T).view(b, m, heads, dh)
     k = (x @ w_k.T).view(b, -1, heads, dh)
     v = (x @ w_v.T).view(b, -1, heads, dh)
+    scale = 1.0 / math.sqrt(dh)
+    if temperature is not None:
+        q = F.normalize(q, dim=-1) * temperature.to(q.dtype).view(heads, 1)
+        k = F.normalize(k, dim=-1)
+        scale = 1.0
     if not return_scores and x.shape[1] > 0:
         attn_mask, keep = _fused_mask(mask)
         pooled = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            scale=scale,
         ).transpose(1, 2)
         return _zero_empty(pooled, keep).reshape(b, m, d), None
-    scores = torch.einsum("bmhe,blhe->bmhl", q, k) / math.sqrt(dh)
+    scores = torch.einsum("bmhe,blhe->bmhl", q, k) * scale
     mask = mask[:, None, None, :].expand_as(scores)
     alpha = masked_softmax(scores, mask)
     pooled = torch.einsum("bmhl,blhe->bmhe", alpha, v)
@@ -204,7 +218,9 @@ class _SoftmaxPool(torch.autograd.Function):
 class MultiHeadCrossAttention(nn.Module):
     """o = MHCrossAttn(q, X): queries [B, M, d] against a shared history [B, L, d] -> [B, M, d]."""
 
-    def __init__(self, dim: int, heads: int, kernel: str = "auto"):
+    def __init__(
+        self, dim: int, heads: int, kernel: str = "auto", temperature: float | None = None
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by {heads} heads")
@@ -215,6 +231,20 @@ class MultiHeadCrossAttention(nn.Module):
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
         self.o = nn.Linear(dim, dim)
+        # QK-norm: a learned log-temperature per head (see `cross_attention_plain`)
+        self.log_temperature = None
+        if temperature is not None:
+            if temperature <= 0:
+                raise ValueError(f"attention temperature must be > 0, got {temperature}")
+            self.log_temperature = nn.Parameter(torch.full((heads,), math.log(temperature)))
+
+    def identity_init(self) -> None:
+        """W_Q = W_K = W_V = W_O = I, b_O = 0: at init a query scores the history by its
+        similarity to each behaviour and pools the behaviours themselves."""
+        with torch.no_grad():
+            for lin in (self.q, self.k, self.v, self.o):
+                nn.init.eye_(lin.weight)
+            nn.init.zeros_(self.o.bias)
 
     def attend(
         self, query: Tensor, x: Tensor, mask: Tensor, return_scores: bool = False
@@ -223,11 +253,14 @@ class MultiHeadCrossAttention(nn.Module):
         `return_scores`)."""
         weights = (self.q.weight, self.k.weight, self.v.weight)
         kernel = self.kernel
-        if kernel == "auto":
+        if self.log_temperature is not None:  # unit keys need K: only the plain form has it
+            kernel = "plain"
+        elif kernel == "auto":
             kernel = cheaper_kernel(query.shape[1], self.heads, query.shape[-1])
         if kernel == "plain":
+            temperature = None if self.log_temperature is None else self.log_temperature.exp()
             pooled, scores = cross_attention_plain(
-                query, x, mask, *weights, self.heads, return_scores=return_scores
+                query, x, mask, *weights, self.heads, return_scores, temperature
             )
         else:
             pooled, scores = cross_attention_reassociated(
