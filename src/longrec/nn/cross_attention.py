@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from longrec.nn.attention import masked_fill_scores, masked_softmax
+from longrec.nn.attention import masked_fill_scores, masked_softmax, unit
 
 KERNELS = ("auto", "reassociated", "plain")
 
@@ -73,8 +73,8 @@ def cross_attention_plain(
     v = (x @ w_v.T).view(b, -1, heads, dh)
     scale = 1.0 / math.sqrt(dh)
     if temperature is not None:
-        q = F.normalize(q, dim=-1) * temperature.to(q.dtype).view(heads, 1)
-        k = F.normalize(k, dim=-1)
+        q = unit(q) * temperature.to(q.dtype).view(heads, 1)
+        k = unit(k)
         scale = 1.0
     if not return_scores and x.shape[1] > 0:
         attn_mask, keep = _fused_mask(mask)

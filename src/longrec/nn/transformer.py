@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longrec.nn.attention import unit
+
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """[..., N, h * d_h] -> [..., h, N, d_h]."""
@@ -40,6 +42,7 @@ def split_attention(
     shared_mask: Tensor,
     dropout: float = 0.0,
     null_key: bool = False,
+    scale: float | None = None,
 ) -> Tensor:
     """One softmax over the union of a group's own keys and shared keys.
 
@@ -49,14 +52,14 @@ def split_attention(
     user-side keys); shared_mask [B, 1|h, 1, S]: which shared keys every query may read.
     Returns [B, M, h, g, d_h]: attention over the keys [own; shared] of each group, without
     materialising the shared keys M times. `null_key` adds a key of score 0 and value 0 (see
-    `PreLNBlock`).
+    `PreLNBlock`); `scale` multiplies the scores (default 1/√d_h).
 
     The softmax is taken in pieces (a common row maximum, exp, one sum), so the [.., M g, S]
     scores are never concatenated, masked with a boolean or copied: on 500 candidates against
     a 500-token cache this halves the time of a plain concat-and-softmax.
     """
     b, m, h, g, dh = q.shape
-    q = q * (1.0 / math.sqrt(dh))
+    q = q * (1.0 / math.sqrt(dh) if scale is None else scale)
     s_own = torch.matmul(q, k_own.transpose(-1, -2)).masked_fill(~own_mask, float("-inf"))
     qs = q.permute(0, 2, 1, 3, 4).reshape(b, h, m * g, dh)
     bias = torch.zeros(shared_mask.shape, dtype=q.dtype, device=q.device)
@@ -103,10 +106,20 @@ class PreLNBlock(nn.Module):
     so a query can attend to nothing: its attention output then shrinks towards 0 instead of
     being forced onto some key. It also gives every row a valid key, so an all-masked row
     returns 0 rather than NaN.
+
+    `temperature` (QK-norm): each head's query and key are scaled to unit length and the score
+    is a learned per-head temperature (initialised to this value) times their cosine, so no
+    weight growth can saturate the softmax. Keys are normalised in `kv`, so cached keys are too.
     """
 
     def __init__(
-        self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.0, null_key: bool = False
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        dropout: float = 0.0,
+        null_key: bool = False,
+        temperature: float | None = None,
     ):
         super().__init__()
         if dim % heads:
@@ -118,11 +131,45 @@ class PreLNBlock(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.drop = nn.Dropout(dropout)
+        self.log_temperature = None
+        if temperature is not None:
+            if temperature <= 0:
+                raise ValueError(f"attention temperature must be > 0, got {temperature}")
+            self.log_temperature = nn.Parameter(torch.full((heads,), math.log(temperature)))
+
+    def identity_init(self) -> None:
+        """W_Q = W_K = W_V = W_O = I (biases 0) and the FFN's output 0: the block starts as
+        similarity attention over its normalised inputs, added to the residual stream."""
+        d = self.q.weight.shape[0]
+        with torch.no_grad():
+            for lin in (self.q, self.out):
+                nn.init.eye_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            self.kv_proj.weight.copy_(torch.eye(d).repeat(2, 1))
+            nn.init.zeros_(self.kv_proj.bias)
+            last = self.ffn.net[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def _queries(self, normed: Tensor) -> Tensor:
+        """Per-head queries [..., h, N, d_h], unit length x temperature under QK-norm."""
+        q = split_heads(self.q(normed), self.heads)
+        if self.log_temperature is None:
+            return q
+        temperature = self.log_temperature.exp().to(q.dtype).view(-1, 1, 1)
+        return unit(q) * temperature
+
+    def _keys(self, k: Tensor) -> Tensor:
+        return k if self.log_temperature is None else unit(k)
+
+    @property
+    def _scale(self) -> float | None:
+        return None if self.log_temperature is None else 1.0
 
     def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of tokens x [..., N, d] -> two [..., h, N, d_h]."""
         k, v = self.kv_proj(self.ln_attn(x)).chunk(2, dim=-1)
-        return split_heads(k, self.heads), split_heads(v, self.heads)
+        return self._keys(split_heads(k, self.heads)), split_heads(v, self.heads)
 
     def _finish(self, x: Tensor, attended: Tensor) -> Tensor:
         """Residual + output projection, then the FFN sub-layer; attended [..., h, N, d_h]."""
@@ -132,14 +179,19 @@ class PreLNBlock(nn.Module):
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """Queries x [B, N_q, d] over keys/values [B, h, N_k, d_h] (from `kv`), mask
         broadcastable to [B, h, N_q, N_k] (bool, True = may attend) -> [B, N_q, d]."""
-        q = split_heads(self.q(self.ln_attn(x)), self.heads)
+        q = self._queries(self.ln_attn(x))
         if self.null_key:
             zero = k.new_zeros(*k.shape[:-2], 1, k.shape[-1])
             k, v = torch.cat((zero, k), dim=-2), torch.cat((zero, v), dim=-2)
             mask = mask.expand(*mask.shape[:-1], k.shape[-2] - 1)
             mask = torch.cat((mask.new_ones(*mask.shape[:-1], 1), mask), dim=-1)
         attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self._scale,
         )
         return self._finish(x, attended)
 
@@ -149,8 +201,9 @@ class PreLNBlock(nn.Module):
         """Query groups x [B, M, g, d] attend to their own tokens (own_mask [g, g]) and to the
         shared keys [B, h, S, d_h] (shared_mask [B, 1|h, 1, S]) -> [B, M, g, d]."""
         normed = self.ln_attn(x)
-        q = split_heads(self.q(normed), self.heads)
+        q = self._queries(normed)
         k, v = (split_heads(t, self.heads) for t in self.kv_proj(normed).chunk(2, dim=-1))
+        k = self._keys(k)
         attended = split_attention(
             q,
             k,
@@ -161,5 +214,6 @@ class PreLNBlock(nn.Module):
             shared_mask,
             self.dropout if self.training else 0.0,
             self.null_key,
+            self._scale,
         )
         return self._finish(x, attended)
