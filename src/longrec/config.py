@@ -42,7 +42,9 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 2
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
-    batch_size: int = 2048  # rows of a batch: samples (pointwise) or requests (request layout)
+    # rows of a batch: samples (pointwise) or requests (request layout), per process; None:
+    # auto, from the train split's size (train/batch_size.py: ~300 steps, 32..2048)
+    batch_size: int | None = None
     lr: float = 0.01
     optimizer: str = "adam"  # dense parameters: "adam" | "adamw" | "sgd"
     # "adam" (dense, as DARE) | "rowwise_adam" (lazy: touched rows only) | "rowwise_adagrad"

@@ -79,6 +79,18 @@ class RequestIndex:
         return len(self.start)
 
 
+def rows_per_epoch(cols: dict[str, np.ndarray], layout: str, world_size: int = 1) -> int:
+    """Rows a training loader over these split columns yields per epoch and process, counted
+    without building it (the trainer sizes its batch from this): samples in the pointwise
+    layout, requests (runs of equal request_id, as `RequestIndex`) in the request layout,
+    shared evenly between processes (`order=user_time` cuts to its smallest shard: a few less)."""
+    n = len(cols["label"])
+    if layout != "pointwise" and n > 0:
+        rid = cols["request_id"]
+        n = 1 + int(np.count_nonzero(rid[1:] != rid[:-1]))
+    return n // world_size if world_size > 1 else n
+
+
 class BatchLoader:
     """Iterates a split of a prepared dataset as `Batch`es."""
 

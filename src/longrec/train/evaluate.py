@@ -23,7 +23,21 @@ def predict_split(
     probs = np.full(n, np.nan, dtype=np.float64)
     if n == 0:
         return {"user": cols["user"], "label": cols["label"], "prob": probs}
-    loader = BatchLoader(
+    loader = evaluation_loader(model, dataset, split, cfg)
+    model.eval()
+    for batch in loader:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+            logits = model(batch)
+        p = torch.sigmoid(logits.float())
+        idx = batch.sample_index[batch.target_mask].numpy()
+        probs[idx] = p[batch.target_mask].numpy()
+    return {"user": cols["user"], "label": cols["label"], "prob": probs}
+
+
+def evaluation_loader(model, dataset: PreparedDataset, split: str, cfg: RunConfig) -> BatchLoader:
+    """The loader every evaluation reads: request layout in split order (each user's side once
+    per request), only the history fields and timestamps the model reads."""
+    return BatchLoader(
         dataset,
         split,
         LoaderConfig(
@@ -38,14 +52,6 @@ def predict_split(
             max_tokens=cfg.data.max_tokens,
         ),
     )
-    model.eval()
-    for batch in loader:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
-            logits = model(batch)
-        p = torch.sigmoid(logits.float())
-        idx = batch.sample_index[batch.target_mask].numpy()
-        probs[idx] = p[batch.target_mask].numpy()
-    return {"user": cols["user"], "label": cols["label"], "prob": probs}
 
 
 def evaluate_split(model, dataset: PreparedDataset, split: str, cfg: RunConfig) -> dict:

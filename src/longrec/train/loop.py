@@ -10,6 +10,7 @@ metrics as an uninterrupted run (seeded, on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -26,12 +27,13 @@ from longrec.config import RunConfig
 from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
 from longrec.data.lengths import LengthSampling
-from longrec.data.loader import BatchLoader, LoaderConfig
+from longrec.data.loader import BatchLoader, LoaderConfig, rows_per_epoch
 from longrec.errors import UserError
 from longrec.models import build_model
 from longrec.models.base import DataSchema
 from longrec.train import distributed
 from longrec.train import run_dir as rd
+from longrec.train.batch_size import BatchPlan, plan_batch
 from longrec.train.compile import compile_dense_modules
 from longrec.train.evaluate import evaluate_split
 from longrec.train.optim import (
@@ -65,12 +67,19 @@ class Trainer:
         run: str | Path,
         callbacks: list[Callable[[int], None]] | None = None,
     ):
-        self.cfg, self.run = cfg, Path(run)
+        self.run = Path(run)
         self.callbacks = callbacks or []
-        tc = cfg.train
         self.distributed = distributed.init()
         self.rank, self.world_size = distributed.world()
         self.main = self.rank == 0
+        self.dataset = PreparedDataset(cfg.data.path)
+        self.batch_plan = _plan_batch(cfg, self.dataset, self.world_size)
+        # a copy with the concrete batch: config.yaml records it, the caller's cfg keeps None
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, batch_size=self.batch_plan.size)
+        )
+        self.cfg = cfg
+        tc = cfg.train
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // self.world_size))
         # multi-threaded scatter/index_add accumulate in a varying order: without this, two
         # seeded runs (or a resumed and an uninterrupted one) drift apart. Its side effect of
@@ -79,7 +88,6 @@ class Trainer:
         torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False
         torch.manual_seed(tc.seed)
-        self.dataset = PreparedDataset(cfg.data.path)
         self.schema = DataSchema.from_dataset(self.dataset, cfg.data.max_len)
         self.model = build_model(
             cfg.model.name,
@@ -135,6 +143,7 @@ class Trainer:
             raise UserError(f"{cfg.data.path}: the train split is empty")
         self.total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * per_epoch
         self.epochs = tc.epochs if tc.max_steps is None else math.ceil(tc.max_steps / per_epoch)
+        self.batch_plan = dataclasses.replace(self.batch_plan, steps=self.total_steps)
 
     # -- state ----------------------------------------------------------------------------
     def _fresh_state(self) -> dict:
@@ -179,8 +188,12 @@ class Trainer:
         if self.main:
             self.run.mkdir(parents=True, exist_ok=True)
             rd.write_config(self.run, self.cfg, self.schema)
+            note = self.batch_plan.note()
+            if note:
+                print(note, file=sys.stderr)
             if not resume:
                 (self.run / rd.LOG).unlink(missing_ok=True)
+                rd.append_log(self.run, self.batch_plan.record())
         distributed.barrier()
         state = (
             self._restore() if resume and (self.run / rd.STATE).exists() else self._fresh_state()
@@ -355,6 +368,17 @@ class Trainer:
         rd.write_metrics(self.run, result)
         distributed.barrier()
         return result
+
+
+def _plan_batch(cfg: RunConfig, dataset: PreparedDataset, world_size: int) -> BatchPlan:
+    """The training batch (train.batch_size, or auto from the train split's size: see
+    train/batch_size.py), per process."""
+    layout, tc = cfg.data.layout, cfg.train
+    rows = rows_per_epoch(dataset.split("train"), layout, world_size)
+    unit = ("requests" if layout == "request" else "samples") + (
+        " per process" if world_size > 1 else ""
+    )
+    return plan_batch(tc.batch_size, rows, tc.epochs, tc.max_steps, unit)
 
 
 def _progress(enabled: bool, total: int, initial: int):
