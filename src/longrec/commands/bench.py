@@ -134,35 +134,64 @@ def bench_search_command(
 
 @bench_app.command(
     "scaling",
-    help="Test AUC against history length (100 ... 10K) per model, with samples/s and peak RSS.\n\nExample:  longrec bench scaling --data data/synth-long --out benchmarks/results/scaling-synth",
+    help="Test AUC against history length (50 ... the full history) per model, mean ± std over "
+    "seeds, with samples/s and peak RSS.\n\n"
+    "Every (model, length, seed) trains in OUT/runs/<model>-L<length>-s<seed> (finished runs "
+    "are reused); `full` is the dataset's longest history. Writes scaling.json, table.md (with "
+    "the gain from the shortest to the longest length in stds) and scaling.png.\n\n"
+    "Example:  longrec bench scaling --data data/synth-long --out benchmarks/results/scaling-synth "
+    "--lengths 25,50,100,300,1000,full --seeds 3",
 )
 def bench_scaling_command(
     data: Annotated[Path, typer.Option(help="prepared dataset with long histories")],
     out: Annotated[
         Path, typer.Option(help="results directory (runs, scaling.json, table.md, scaling.png)")
     ],
-    models: Annotated[str, typer.Option(help="models")] = "stca,longer,din,dare",
-    lengths: Annotated[str, typer.Option(help="history lengths")] = "100,300,1000,3000,10000",
+    models: Annotated[str, typer.Option(help="models")] = "stca,longer,hstu,din,dare,twin_hard",
+    lengths: Annotated[
+        str, typer.Option(help="history lengths; `full` = the dataset's longest history")
+    ] = "50,100,300,1000,full",
+    seeds: Annotated[int, typer.Option(help="seeds per (model, length): 1..N")] = 3,
     set: Annotated[
         list[str] | None, typer.Option("--set", help="config override for every run")
     ] = None,
 ) -> None:
     import sys
 
-    from longrec.bench.scaling import run_scaling, scaling_plot, scaling_table
+    from longrec.bench.scaling import parse_lengths, run_scaling, scaling_plot, scaling_table
+    from longrec.errors import UserError
 
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise UserError("--models: give at least one model name")
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, not {seeds}")
+    length_list = parse_lengths(lengths)
+    _check_models(names)
     rows = run_scaling(
         data,
         out,
-        [m for m in models.split(",") if m],
-        [int(x) for x in lengths.split(",")],
+        names,
+        length_list,
         set or [],
         log=lambda m: print(m, file=sys.stderr),
+        seeds=seeds,
     )
     table = scaling_table(rows, f"AUC against history length on {data}")
     (out / "table.md").write_text(table + "\n")
     scaling_plot(rows, out / "scaling.png", str(data.name))
     print(table)
+
+
+def _check_models(names: list[str]) -> None:
+    """Unknown names fail before the first (long) run, not after it."""
+    from longrec.errors import UserError
+    from longrec.models.registry import MODELS, _load_all
+
+    _load_all()
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise UserError(f"unknown model(s) {', '.join(unknown)}; `longrec models` lists them")
 
 
 @bench_app.command(
