@@ -71,9 +71,8 @@ sum of its K slots, and every block as identity attention with a zero FFN output
 similarity to it; `qk_norm` scores temperature x cosine per head (learned temperature,
 initially `temperature`), bounded whatever the weights do; `head_interest` gives the head the
 candidate token x_t, what it gathered (h = its final state - x_t, the sum of its blocks'
-residual updates) and h ⊙ x_t: DIN's target x interest product. Tables, the position table
-and the user table are N(0, `init_std`) as DARE; the head keeps PyTorch's init. Dropout
-defaults to 0.
+residual updates) and h ⊙ x_t: DIN's target x interest product. Tables, the position table,
+the user table and the head are N(0, `init_std`) as DARE. Dropout defaults to 0.
 
 Cost (B requests, M targets, L' = ceil(L/K), k = min(n_query, L')): the shared part is
 O(B (L d^2 + k L' d' + n_layers k^2 d')) once per request; the per-target part is
@@ -232,7 +231,7 @@ class LongerModel(SequenceModel):
         self.final_ln = nn.LayerNorm(dm)
         head_in = (self.n_global + (3 if p.head_interest else 0)) * dm
         self.head = MLPHead(head_in, p.hidden, **schema.head_types(p.type_dim))
-        for part in (self.items, self.side, self.time, self.pos, self.user):
+        for part in (self.items, self.side, self.time, self.pos, self.user, self.head):
             if part is not None:
                 init_normal(part, p.init_std)
         nn.init.normal_(self.cls)  # a unit-scale token, like the normalised behaviour tokens
