@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
-HELP = """Prepare the bundled real data and compare DIN, TWIN and DARE on the Taobao sample.
+HELP = """Prepare the bundled real data and compare DIN, TWIN, DARE and STCA on the Taobao sample.
 
 Prepares the Taobao head (DARE protocol, page views) and MovieLens, prints their statistics,
-then trains DIN, TWIN and DARE with short runs (configs/demo.yaml) over a few seeds and prints
-the comparison table. Finished runs are reused, so a second `make demo` is instant.
+then trains DIN, TWIN, DARE and STCA (the end-to-end family's representative) with short runs
+(configs/demo.yaml) over a few seeds and prints the comparison table. Finished runs are
+reused, so a second `make demo` is instant.
 
 Example:  longrec demo --out .cache/demo --seeds 3
 """
@@ -60,7 +61,7 @@ def demo_command(
         ".cache/demo"
     ),
     seeds: Annotated[int, typer.Option(help="seeds per model")] = 3,
-    models: Annotated[str, typer.Option(help="models to compare")] = "din,twin,dare",
+    models: Annotated[str, typer.Option(help="models to compare")] = "din,twin,dare,stca",
 ) -> None:
     import sys
 
