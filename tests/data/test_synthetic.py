@@ -279,6 +279,32 @@ def test_long_range_signal(small):
     assert roc_auc_score(y, old_same_leaf) > 0.6
 
 
+def test_max_pool_labels_follow_the_most_relevant_behaviour(tmp_path):
+    """relevance_pool=max: S is the largest truth relevance, so one relevant behaviour far back
+    carries the label however many others there are; the last 50 alone miss it."""
+    config = replace(SMALL, users=200, relevance_pool="max", relevance_gain=4.0)
+    data = load(generate_to(config, tmp_path / "max"))
+    imp, truth = data["imp"], data["truth"]
+    n = imp["user"].size
+    i = truth["impression"]
+    s = np.zeros(n)
+    np.maximum.at(s, i, truth["relevance"].astype(np.float64))
+    assert s.max() <= max(config.behavior_weights) + 1e-6  # a max, not a sum
+    # the label was drawn from sigma(bias + offset + gain * log(1 + S) + quality)
+    target = np.array([config.target_types.index(t) for t in imp["target_type"]])
+    bias = np.asarray(config.target_bias)[target] + data["manifest"]["logit_offset"]
+    quality_free = 1 / (1 + np.exp(-(bias + config.relevance_gain * np.log1p(s))))
+    assert roc_auc_score(imp["label"], quality_free) > 0.7
+    assert data["manifest"]["stats"]["auc"]["truth_relevance"] == pytest.approx(
+        roc_auc_score(imp["label"], s), abs=1e-3
+    )
+
+
+def generate_to(config: SynthConfig, out: Path) -> Path:
+    generate(config, out, progress=False)
+    return out
+
+
 def test_same_seed_same_bytes_and_parquet_matches_csv(tmp_path):
     config = SynthConfig(users=60, mean_len=80, max_len=1000, seed=3, chunk_rows=2000)
     generate(config, tmp_path / "a", progress=False)
@@ -331,6 +357,7 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(tmp_path, mo
         {"ad_items": 10},
         {"target_floor": (0.1, 0.2)},
         {"candidates_per_request": 0},
+        {"relevance_pool": "mean"},
     ],
 )
 def test_bad_parameters_are_user_errors(tmp_path, change):

@@ -138,7 +138,11 @@ class SynthConfig:
     calibration_rows: int = 1_000_000
     """Behaviours in the pilot sample used to calibrate the offset (its own random stream)."""
     relevance_gain: float = 1.6
-    """Logit gain of log(1 + S), S = summed relevance of the truth rows."""
+    """Logit gain of log(1 + S), S = the truth rows' relevance pooled by `relevance_pool`."""
+    relevance_pool: str = "sum"
+    """How the truth rows' relevances make S: 'sum' (a count-like intensity, which softmax
+    attention normalises away) or 'max' (the single most relevant behaviour, which attention
+    or a search can find wherever it sits in the history)."""
     branch_weight: float = 0.3
     """Relevance factor of a behaviour in another leaf of the candidate's l2 (same leaf: 1)."""
     behavior_weights: tuple[float, float, float, float] = (1.0, 2.0, 0.5, 1.0)
@@ -201,6 +205,10 @@ class SynthConfig:
             ),
             (min(self.target_floor) > 0, "target_floor must be > 0 (relevance stays positive)"),
             (self.truth_top_k >= 1, "truth_top_k must be >= 1"),
+            (
+                self.relevance_pool in ("sum", "max"),
+                f"relevance_pool must be sum or max, not {self.relevance_pool!r}",
+            ),
             (self.max_interests >= 1, "max_interests must be >= 1"),
             (
                 self.format in ("csv", "parquet"),

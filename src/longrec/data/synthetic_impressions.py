@@ -67,6 +67,15 @@ def relevance(
     return (m * w * kernel).astype(np.float32)
 
 
+def pool_relevance(pool: str, imp: np.ndarray, rel: np.ndarray, n: int) -> np.ndarray:
+    """S per impression (float64 [n], 0 where nothing is relevant): the sum or the max of `rel`."""
+    if pool == "sum":
+        return np.bincount(imp, weights=rel, minlength=n)
+    out = np.zeros(n, dtype=np.float64)
+    np.maximum.at(out, imp, rel.astype(np.float64))
+    return out
+
+
 def _top_k(pi: np.ndarray, row: np.ndarray, rel: np.ndarray, cnt: np.ndarray, k: int):
     """Mask of the pairs kept: every pair of impressions with <= k pairs, else the k largest."""
     keep = np.ones(pi.shape[0], dtype=bool)
@@ -159,10 +168,10 @@ def make_impressions(
     del comp, pos
     rel = relevance(cfg, b.leaf[row] == leaf[pi], b.behavior[row], it[pi] - b.ts[row], target[pi])
     recent = row >= iend[pi] - cfg.eval_recent
-    score_recent = np.bincount(pi[recent], weights=rel[recent], minlength=ni)
+    score_recent = pool_relevance(cfg.relevance_pool, pi[recent], rel[recent], ni)
     keep = _top_k(pi, row, rel, cnt, cfg.truth_top_k)
     pi, row, rel = pi[keep], row[keep], rel[keep]
-    score = np.bincount(pi, weights=rel, minlength=ni)
+    score = pool_relevance(cfg.relevance_pool, pi, rel, ni)
 
     # --- labels
     bias = np.asarray(cfg.target_bias, dtype=np.float64)[target]

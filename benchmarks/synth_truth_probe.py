@@ -1,0 +1,88 @@
+"""How much AUC a `longrec synth` dataset's own truth holds within the last L behaviours.
+
+For every impression: the truth rows' relevance among the last L behaviours before the request,
+pooled as the generator pools it (manifest `relevance_pool`: sum or max). A logistic regression
+on the target type and type x log(1 + S_L) is fitted on the earlier impressions and scored on the
+later ones (time split at the 0.8 / 0.9 quantiles, as the `impressions` protocol). It reads the
+generator's truth, which no model sees, so it is a ceiling for what a cut at L allows, not a
+model; what it shows is how much a longer history *can* add.
+
+Usage: python benchmarks/synth_truth_probe.py RAW_DIR [L ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+LENGTHS = (25, 50, 100, 300, 1000, 2000, 4000, 10000)
+
+
+def _read(raw: Path, name: str, columns: list[str]) -> pl.DataFrame:
+    if (raw / f"{name}.parquet").exists():
+        return pl.read_parquet(raw / f"{name}.parquet", columns=columns)
+    if name == "behaviors":  # the Taobao layout: no header
+        cols = ["user", "item", "category", "behavior", "ts", "domain"]
+        return pl.read_csv(raw / "behaviors.csv", has_header=False, new_columns=cols)[columns]
+    return pl.read_csv(raw / f"{name}.csv")[columns]
+
+
+def pooled(raw: Path, lengths) -> tuple[np.ndarray, pl.DataFrame]:
+    """[impressions, len(lengths)] truth relevance among the last L behaviours, pooled."""
+    pool = json.loads((raw / "manifest.json").read_text())["config"].get("relevance_pool", "sum")
+    b = _read(raw, "behaviors", ["user", "ts"])
+    imp = _read(raw, "impressions", ["user", "ts", "target_type", "label"])
+    truth = pl.read_parquet(raw / "truth.parquet")
+    user, ts = b["user"].to_numpy().astype(np.int64), b["ts"].to_numpy()
+    iu, it = imp["user"].to_numpy().astype(np.int64), imp["ts"].to_numpy()
+    t0 = min(int(ts.min()), int(it.min()))
+    # rows are sorted by user then time: the history of a request ends at this row
+    end = np.searchsorted((user << 34) | (ts - t0), (iu << 34) | (it - t0), side="left")
+    t_imp, t_row = truth["impression"].to_numpy(), truth["behavior_row"].to_numpy()
+    back = end[t_imp] - t_row  # 1 = the last behaviour before the request
+    rel = truth["relevance"].to_numpy().astype(np.float64)
+    out = np.zeros((iu.size, len(lengths)))
+    for j, length in enumerate(lengths):
+        keep = back <= length
+        if pool == "max":
+            np.maximum.at(out[:, j], t_imp[keep], rel[keep])
+        else:
+            out[:, j] = np.bincount(t_imp[keep], weights=rel[keep], minlength=iu.size)
+    return out, imp
+
+
+def probe(raw: Path, lengths=LENGTHS) -> list[dict]:
+    s, imp = pooled(raw, lengths)
+    y = imp["label"].to_numpy()
+    types = imp["target_type"].to_numpy()
+    onehot = (types[:, None] == np.unique(types)[None, :]).astype(float)
+    ts = imp["ts"].to_numpy()
+    train, test = ts < np.quantile(ts, 0.8), ts >= np.quantile(ts, 0.9)
+
+    def auc(x: np.ndarray) -> float:
+        fit = LogisticRegression(max_iter=2000).fit(x[train], y[train])
+        return round(float(roc_auc_score(y[test], fit.predict_proba(x[test])[:, 1])), 4)
+
+    rows = [{"L": 0, "type_x_log_truth": auc(onehot)}]
+    for j, length in enumerate(lengths):
+        rows.append(
+            {
+                "L": length,
+                "type_x_log_truth": auc(np.hstack([onehot, onehot * np.log1p(s[:, [j]])])),
+            }
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    raw = Path(sys.argv[1])
+    lengths = tuple(int(x) for x in sys.argv[2:]) or LENGTHS
+    print("| L | type x log(1 + truth in the last L) |\n|---:|---:|")
+    for row in probe(raw, lengths):
+        print(f"| {row['L'] or 'type only'} | {row['type_x_log_truth']:.4f} |")
