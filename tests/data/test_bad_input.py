@@ -217,16 +217,25 @@ def test_overwrite_semantics(tmp_path, run_cli):
     assert "--overwrite" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert (out / "keep.txt").read_text() == "precious"
 
+    # --overwrite never deletes a folder longrec did not write
+    result = run_cli("prepare", "taobao", "--input", good, *common, "--overwrite")
+    assert result.returncode == 2 and "not something longrec wrote" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+
+    data = tmp_path / "data"
+    common = ["--out", data, "--protocol", "leave_one_out", "--quiet"]
+    assert run_cli("prepare", "taobao", "--input", good, *common).returncode == 0
+    before = (data / "meta.json").read_text()
     result = run_cli("prepare", "taobao", "--input", bad, *common, "--overwrite")
     assert result.returncode == 2 and f"{bad}:4: " in result.stderr
-    assert (out / "keep.txt").read_text() == "precious", "a failed run touched the output"
-    assert not (out / "meta.json").exists()
+    assert (data / "meta.json").read_text() == before, "a failed run touched the output"
 
+    (data / "stale.txt").write_text("from the old dataset")
     result = run_cli("prepare", "taobao", "--input", good, *common, "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert not (out / "keep.txt").exists()
-    assert json.loads((out / "meta.json").read_text())["store"]["rows"] == len(GOOD_ROWS)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "good.csv", "out"]
+    assert not (data / "stale.txt").exists()
+    assert json.loads((data / "meta.json").read_text())["store"]["rows"] == len(GOOD_ROWS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "data", "good.csv", "out"]
 
 
 def test_tab_delimiter_typed_as_backslash_t(tmp_path, run_cli):

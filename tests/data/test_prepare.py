@@ -80,6 +80,7 @@ def test_taobao_dare_end_to_end(prepared_taobao, taobao_rows, check_samples):
     layout = sorted(str(p.relative_to(prepared_taobao)) for p in prepared_taobao.rglob("*"))
     assert layout == sorted(
         [
+            ".longrec.json",
             "items",
             "items/category.npy",
             "items/item.npy",

@@ -334,6 +334,12 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(tmp_path, mo
     (out / "old.txt").write_text("x")
     with pytest.raises(UserError, match="already exists"):
         generate(config, out, progress=False)
+    with pytest.raises(UserError, match="not something longrec wrote"):
+        generate(config, out, overwrite=True, progress=False)
+    assert (out / "old.txt").read_text() == "x"
+    out = tmp_path / "synth"
+    generate(config, out, progress=False)
+    (out / "old.txt").write_text("x")
     generate(config, out, overwrite=True, progress=False)
     assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
 
@@ -344,7 +350,7 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(tmp_path, mo
     with pytest.raises(RuntimeError):
         generate(config, tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "synth"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -66,19 +67,30 @@ def train_command(
         raise SystemExit(relaunch(nproc, argv))
     from longrec.config import resolve
     from longrec.errors import UserError
+    from longrec.outputs import check_replaceable, retire_dir, writer_lock
     from longrec.report.runs import metrics_table
     from longrec.train.loop import Trainer
     from longrec.train.optim import dense_update_hint
 
     rank = int(os.environ.get("RANK", 0))
-    if rank == 0 and out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise UserError(f"{out} exists; pass --resume to continue it or --overwrite to start over")
+    if resume and overwrite:
+        raise UserError("pass either --resume (continue the run) or --overwrite (start over)")
+    if rank == 0:
+        check_replaceable(
+            out,
+            "run",
+            resume or overwrite,
+            "pass --resume to continue it or --overwrite to start over",
+        )
     cfg = resolve(config, set or [], data__path=str(data), model__name=model)
-    trainer = Trainer(cfg, out)
-    hint = dense_update_hint(trainer.model, cfg.train)
-    if hint and rank == 0:
-        print(hint, file=sys.stderr)
-    metrics = trainer.fit(resume=resume)
+    with writer_lock(out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and check_replaceable(out, "run", resume or overwrite) and overwrite:
+            retire_dir(out)  # nothing of the old run may sit beside the new one
+        trainer = Trainer(cfg, out)
+        hint = dense_update_hint(trainer.model, cfg.train)
+        if hint and rank == 0:
+            print(hint, file=sys.stderr)
+        metrics = trainer.fit(resume=resume)
     if metrics:  # rank 0 of a data-parallel run, or a single process
         print(metrics_table({cfg.model.name: metrics}))
 

@@ -9,7 +9,6 @@ temporary directory beside the output and renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -42,6 +41,7 @@ from longrec.data.sources import FieldDecl, LoadedSource, SourceOptions, get_sou
 from longrec.data.store import SequenceStore, StoreWriter
 from longrec.data.vocab import build_vocab, encode_sql, pad_lists
 from longrec.errors import UserError
+from longrec.outputs import check_replaceable, replace_dir, temp_path, write_marker, writer_lock
 
 _FETCH_ROWS = 1 << 20
 
@@ -79,15 +79,17 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Build the prepared dataset at `cfg.out`; return its meta.json content."""
     protocol = cfg.protocol.resolved()
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory")
+    check_replaceable(out, "dataset", cfg.overwrite)
     source = get_source(cfg.source)
     if protocol.name == "impressions" and cfg.source != "synth":
         raise UserError("--protocol impressions needs a source with an impression table (synth)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    with writer_lock(out):
+        check_replaceable(out, "dataset", cfg.overwrite)  # it may have appeared meanwhile
+        return _prepare_locked(cfg, protocol, source, out)
+
+
+def _prepare_locked(cfg: PrepareConfig, protocol, source, out: Path) -> dict:
+    build = temp_path(out)
     shutil.rmtree(build, ignore_errors=True)
     work = build / ".work"
     work.mkdir(parents=True)
@@ -111,22 +113,13 @@ def prepare(cfg: PrepareConfig) -> dict:
         con.close()
         shutil.rmtree(work)
         (build / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace(build, out)
+        write_marker(build, "dataset")
+        replace_dir(build, out)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
     log(f"wrote {out}")
     return meta
-
-
-def _replace(build: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(build, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(build, out)
 
 
 def _filter_behaviors(con, loaded: LoadedSource, keep: tuple[str, ...] | None) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +28,7 @@ from longrec.data.synthetic_impressions import make_impressions
 from longrec.data.synthetic_world import DOMAINS, World, history_lengths, make_world
 from longrec.data.synthetic_write import ChunkWriter, summarize, write_tables
 from longrec.errors import UserError
+from longrec.outputs import check_replaceable, replace_dir, temp_path, write_marker, writer_lock
 
 FORMAT = "longrec-synth/1"
 
@@ -266,42 +266,26 @@ def calibrate_offset(config: SynthConfig, world: World, lengths: np.ndarray) -> 
     return round((lo + hi) / 2, 6)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.synth-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
-    old = None
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.synth-old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-
-
 def generate(
     config: SynthConfig, out: Path, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Generate a synthetic dataset into folder `out`; return its manifest."""
-    from tqdm.auto import tqdm
 
     config.validate()
     out = Path(out)
+    check_replaceable(out, "synth", overwrite)
+    with writer_lock(out):
+        check_replaceable(out, "synth", overwrite)  # it may have appeared meanwhile
+        return _generate_locked(config, out, progress)
+
+
+def _generate_locked(config: SynthConfig, out: Path, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     began = time.perf_counter()
-    tmp = _prepare_out(out, overwrite)
+    tmp = temp_path(out, "synth-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     writer: ChunkWriter | None = None
     try:
         world = make_world(config, np.random.default_rng([config.seed, 0]))
@@ -359,7 +343,8 @@ def generate(
             "logit_offset": offset,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _commit(tmp, out, overwrite)
+        write_marker(tmp, "synth")
+        replace_dir(tmp, out)
     except BaseException:
         if writer is not None:
             with contextlib.suppress(Exception):  # the original error is the one to report

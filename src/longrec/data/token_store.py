@@ -15,7 +15,6 @@ same per-user binary search as the behaviour store's histories.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from longrec.data.store import history_end
 from longrec.errors import UserError
+from longrec.outputs import replace_dir, temp_path, write_marker
 
 
 @dataclass
@@ -68,7 +68,7 @@ class TokenStore:
         root = Path(root)
         order = np.lexsort((np.arange(len(user)), ts, user))  # by user, then time, stable
         counts = np.bincount(user, minlength=n_users)
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        tmp = temp_path(root)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np.save(tmp / "offsets.npy", np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
@@ -78,9 +78,8 @@ class TokenStore:
         (tmp / "meta.json").write_text(
             json.dumps({**meta, "count": len(user), "dim": int(tokens.shape[1])}, indent=2)
         )
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(tmp, root)
+        write_marker(tmp, "token-store")
+        replace_dir(tmp, root)
 
     def before(self, user: np.ndarray, t: np.ndarray, max_tokens: int) -> dict[str, torch.Tensor]:
         """The (up to) `max_tokens` most recent tokens of each user strictly before t, left-padded:

@@ -23,6 +23,7 @@ from longrec.data.loader import BatchLoader, LoaderConfig
 from longrec.data.token_store import TokenStore
 from longrec.errors import UserError
 from longrec.models.iat import IatSourceModel
+from longrec.outputs import check_replaceable, writer_lock
 from longrec.train.run_dir import load_run
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -95,8 +96,7 @@ def build_tokens(
         raise UserError(f"token dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if not splits:
         raise UserError("no splits given")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    check_replaceable(out, "token-store", overwrite)
     model, cfg, _ = load_run(source_run)
     if not isinstance(model, IatSourceModel):
         raise UserError(
@@ -127,6 +127,13 @@ def build_tokens(
         "max_len": cfg.data.max_len,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+    with writer_lock(out):
+        check_replaceable(out, "token-store", overwrite)  # it may have appeared meanwhile
+        _write_tokens(out, dataset, user, times, labels, tokens, dtype, meta)
+    return TokenStore.open(out).meta
+
+
+def _write_tokens(out, dataset, user, times, labels, tokens, dtype, meta) -> None:
     TokenStore.write(
         out,
         max(dataset.n_users, int(user.max()) + 1 if len(user) else 0),
@@ -136,4 +143,3 @@ def build_tokens(
         np.concatenate(tokens).astype(DTYPES[dtype]),
         meta,
     )
-    return TokenStore.open(out).meta

@@ -31,6 +31,7 @@ from longrec.data.loader import BatchLoader, LoaderConfig, rows_per_epoch
 from longrec.errors import UserError
 from longrec.models import build_model
 from longrec.models.base import DataSchema
+from longrec.outputs import write_marker
 from longrec.train import distributed
 from longrec.train import run_dir as rd
 from longrec.train.batch_size import BatchPlan, plan_batch
@@ -187,6 +188,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         if self.main:
             self.run.mkdir(parents=True, exist_ok=True)
+            write_marker(self.run, "run")
             rd.write_config(self.run, self.cfg, self.schema)
             note = self.batch_plan.note()
             if note:
