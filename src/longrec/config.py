@@ -158,6 +158,11 @@ def resolve(config_file: str | Path | None, overrides: list[str], **direct: Any)
         if value is not None:
             apply_overrides(raw, [f"{dotted.replace('__', '.')}={yaml.safe_dump(value).strip()}"])
     apply_overrides(raw, overrides)
+    return build_config(raw)
+
+
+def build_config(raw: dict) -> RunConfig:
+    """A RunConfig from a full config dict, every field's type checked."""
     cfg = RunConfig.from_dict(raw)
     _check_types(cfg)
     return cfg

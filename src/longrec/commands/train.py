@@ -69,8 +69,10 @@ def train_command(
     from longrec.errors import UserError
     from longrec.outputs import check_replaceable, retire_dir, writer_lock
     from longrec.report.runs import metrics_table
+    from longrec.train import run_dir as rd
     from longrec.train.loop import Trainer
     from longrec.train.optim import dense_update_hint
+    from longrec.train.resume import resume_config
 
     rank = int(os.environ.get("RANK", 0))
     if resume and overwrite:
@@ -82,9 +84,18 @@ def train_command(
             resume or overwrite,
             "pass --resume to continue it or --overwrite to start over",
         )
-    cfg = resolve(config, set or [], data__path=str(data), model__name=model)
     with writer_lock(out) if rank == 0 else contextlib.nullcontext():
-        if rank == 0 and check_replaceable(out, "run", resume or overwrite) and overwrite:
+        existing = check_replaceable(out, "run", resume or overwrite) if rank == 0 else True
+        if existing and resume and (out / rd.CONFIG).exists():
+            stored, _ = rd.read_config(out)
+            cfg, changed = resume_config(
+                stored, config, set or [], data__path=str(data), model__name=model
+            )
+            if changed and rank == 0:
+                rd.append_log(out, {"resume_changes": {k: list(v) for k, v in changed.items()}})
+        else:
+            cfg = resolve(config, set or [], data__path=str(data), model__name=model)
+        if rank == 0 and existing and overwrite:
             retire_dir(out)  # nothing of the old run may sit beside the new one
         trainer = Trainer(cfg, out)
         hint = dense_update_hint(trainer.model, cfg.train)

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longrec.config import RunConfig
+from longrec.errors import UserError
 from longrec.train import run_dir as rd
 from longrec.train.loop import Trainer
+from longrec.train.resume import describe, differences
 
 
 def pair_dir(out: Path, model: str, seed: int) -> Path:
@@ -59,13 +61,20 @@ def run_compare(
             run = pair_dir(
                 out, "".join(c if c.isalnum() or c in "-_" else "_" for c in v.label), seed
             )
+            cfg = copy.deepcopy(base)
+            cfg.model.name, cfg.train.seed = v.model, seed
+            cfg.model.params = {**cfg.model.params, **v.params}
+            if (run / rd.CONFIG).exists():
+                refused, _ = differences(rd.read_config(run)[0], cfg)
+                if refused:
+                    raise UserError(
+                        f"{run} holds a run with other settings ({describe(refused)}); "
+                        "compare into another --out"
+                    )
             if (run / rd.METRICS).exists():
                 metrics = json.loads((run / rd.METRICS).read_text())
                 log(f"{v.label} seed {seed}: done before, reusing {run}")
             else:
-                cfg = copy.deepcopy(base)
-                cfg.model.name, cfg.train.seed = v.model, seed
-                cfg.model.params = {**cfg.model.params, **v.params}
                 log(f"{v.label} seed {seed}: training in {run}")
                 metrics = Trainer(cfg, run).fit(resume=(run / rd.STATE).exists())
             records.extend(records_of(v.label, seed, metrics))

@@ -1,9 +1,9 @@
 """The training loop: evaluation on valid every N steps, best-checkpoint selection, early
 stopping, exact resume, and one test evaluation at the best checkpoint.
 
-Exact resume: a checkpoint (last.safetensors + state.pt) is written at every evaluation and
-holds the optimiser state, the step, the position in the epoch and the RNG state; batches are a
-pure function of (seed, epoch, index) (see data/loader.py). A run interrupted at any point and
+Exact resume: a checkpoint (last-STEP.safetensors, then state.pt naming it, see
+run_dir.save_checkpoint) is written at every evaluation and holds the optimiser state, the
+step, the position in the epoch and the RNG state; batches are a pure function of (seed, epoch, index) (see data/loader.py). A run interrupted at any point and
 restarted with `resume=True` redoes the steps since its last checkpoint and ends with the same
 metrics as an uninterrupted run (seeded, on CPU).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from longrec.data.dataset import PreparedDataset
 from longrec.data.lengths import LengthSampling
 from longrec.data.loader import BatchLoader, LoaderConfig, rows_per_epoch
 from longrec.errors import UserError
+from longrec.faults import fault_point
 from longrec.models import build_model
 from longrec.models.base import DataSchema
 from longrec.outputs import write_marker
@@ -97,6 +97,7 @@ class Trainer:
             sparse_embeddings=wants_sparse_embeddings(tc),
         )
         self.sharded = None
+        self._previous_checkpoint = 0  # step of the last sharded-tables checkpoint written
         if tc.shard_embeddings:
             if not self.distributed:
                 raise UserError("train.shard_embeddings needs >= 2 processes (--nproc or torchrun)")
@@ -165,22 +166,35 @@ class Trainer:
 
     def _checkpoint(self, state: dict) -> None:
         if self.sharded is not None:
-            self.sharded.save(self._tables_file("last"))
+            # named by step, like the weights: state.pt (rank 0) commits to one of them
+            self.sharded.save(self._tables_file(f"last-{state['step']}"))
+            for old in self.run.glob(f"tables-last-*.rank{self.rank}.pt"):
+                step = int(old.name.split("-")[2].split(".")[0])
+                if step < self._previous_checkpoint:  # no committed state can name it any more
+                    old.unlink(missing_ok=True)
+            self._previous_checkpoint = state["step"]
         if not self.main:
             return
-        rd.save_weights(self.model, self.run / rd.LAST)
         full = dict(state)
         full["optimizers"] = [o.state_dict() for o in self.optimizers]
         full["torch_rng"] = torch.get_rng_state()
-        rd.save_state(self.run, full)
+        rd.save_checkpoint(self.run, self.model, full)
 
     def _restore(self) -> dict:
-        saved = rd.load_state(self.run)
-        rd.load_weights(self.model, self.run / rd.LAST)
+        saved = rd.load_checkpoint(self.run, self.model)
         if self.sharded is not None:
-            self.sharded.load(self._tables_file("last"))
-        for opt, sd in zip(self.optimizers, saved.pop("optimizers"), strict=True):
-            opt.load_state_dict(sd)
+            tables = self._tables_file(f"last-{saved['step']}")
+            if not tables.exists():
+                raise UserError(f"{self.run}: {tables.name} is missing; the run cannot resume")
+            self.sharded.load(tables)
+            self._previous_checkpoint = saved["step"]
+        try:
+            for opt, sd in zip(self.optimizers, saved.pop("optimizers"), strict=True):
+                opt.load_state_dict(sd)
+        except (ValueError, KeyError) as e:
+            raise UserError(
+                f"{self.run}/{rd.STATE}: optimiser state does not fit this model ({e})"
+            ) from None
         torch.set_rng_state(saved.pop("torch_rng"))
         return saved
 
@@ -247,7 +261,7 @@ class Trainer:
                 state["batch_in_epoch"] = 0
         if bar is not None:
             bar.close()
-        if state["best_step"] < 0 or not (self.run / rd.LAST).exists():
+        if state["best_step"] < 0 or not rd.has_checkpoint(self.run):
             self._validate(state)
         return self._finish(state)
 
@@ -319,7 +333,8 @@ class Trainer:
             return {}
         state = {**state, "train_samples": samples}
         rd.load_weights(self.model, self.run / rd.BEST)
-        shutil.copyfile(self.run / rd.BEST, self.run / rd.WEIGHTS)
+        rd.copy_atomic(self.run / rd.BEST, self.run / rd.WEIGHTS)
+        fault_point("finish-weights-written")
         result = {
             split: evaluate_split(self.model, self.dataset, split, self.cfg)
             for split in ("valid", "test")

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from longrec.config import RunConfig
 from longrec.errors import UserError
+from longrec.faults import fault_point
 from longrec.models import build_model
 from longrec.models.base import DataSchema
 
@@ -50,9 +53,16 @@ def read_config(run: Path) -> tuple[RunConfig, DataSchema]:
     path = Path(run) / CONFIG
     if not path.exists():
         raise UserError(f"{run} is not a run directory (no {CONFIG})")
-    body = yaml.safe_load(path.read_text())
-    schema = DataSchema.from_json(body.pop("schema"))
+    try:
+        body = yaml.safe_load(path.read_text())
+        schema = DataSchema.from_json(body.pop("schema"))
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a longrec run config ({type(e).__name__})") from None
     return RunConfig.from_dict(body), schema
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    _atomic(dst, lambda p: shutil.copyfile(src, p))
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -60,7 +70,11 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    missing, unexpected = load_model(model, str(path), strict=True)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{path}: unreadable or foreign weights ({reason})") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the model ({missing or unexpected})")
 
@@ -70,7 +84,56 @@ def save_state(run: Path, state: dict) -> None:
 
 
 def load_state(run: Path) -> dict:
-    return torch.load(Path(run) / STATE, weights_only=True)
+    path = Path(run) / STATE
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # torn, truncated or foreign: the message names the file
+        raise UserError(
+            f"{path} is unreadable ({type(e).__name__}); the run cannot resume"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{path} is not a longrec training state; the run cannot resume")
+    return state
+
+
+def _last_name(step: int) -> str:
+    return f"last-{step}.safetensors"
+
+
+def save_checkpoint(run: Path, model: torch.nn.Module, state: dict) -> None:
+    """The weights under a name of their own, then state.pt naming them, then older weights.
+
+    state.pt is the one commit point: a kill before its rename leaves the previous state.pt,
+    whose weights file is still there; a kill after leaves the new pair. Either resumes
+    exactly (the loop is deterministic from a checkpoint).
+    """
+    run = Path(run)
+    name = _last_name(state["step"])
+    save_weights(model, run / name)
+    fault_point("checkpoint-weights-written")
+    save_state(run, {**state, "last_weights": name})
+    fault_point("checkpoint-state-written")
+    for old in run.glob("last*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(run: Path, model: torch.nn.Module) -> dict:
+    """The saved loop state, with `model` holding the weights it names; UserError if torn."""
+    run = Path(run)
+    state = load_state(run)
+    name = state.pop("last_weights", LAST)
+    if not (run / name).exists():
+        raise UserError(
+            f"{run}: {STATE} names {name}, which is missing; the run cannot resume exactly "
+            "(start over with --overwrite)"
+        )
+    load_weights(model, run / name)
+    return state
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (Path(run) / STATE).exists()
 
 
 def write_metrics(run: Path, metrics: dict) -> None:
