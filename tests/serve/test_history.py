@@ -128,6 +128,19 @@ def test_schema_mismatch_refused(open_store):
     check_items(reordered.recent("u", 10)[0], np.arange(3))
 
 
+def test_a_store_of_another_dataset_is_refused_and_a_missing_one_is_not_created(open_store):
+    with pytest.raises(UserError, match="no history store there.*--create-history"):
+        open_store(FIELDS, create=False)
+    store = open_store(FIELDS, dataset="sha256:" + "a" * 64)
+    store.append("u", events(0, 3))
+    store.close()
+    with pytest.raises(HistorySchemaError, match="histories of another dataset"):
+        open_store(FIELDS, dataset="sha256:" + "b" * 64)
+    again = open_store(FIELDS, dataset="sha256:" + "a" * 64, create=False)
+    check_items(again.recent("u", 10)[0], np.arange(3))
+    open_store(FIELDS).close()  # a caller that knows no dataset is not checked
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

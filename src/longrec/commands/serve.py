@@ -24,6 +24,9 @@ def serve_command(
     ctx: typer.Context,
     run: Annotated[Path | None, typer.Option(help="trained run directory")] = None,
     history: Annotated[str | None, typer.Option(help="lmdb://PATH or redis://HOST:PORT")] = None,
+    create_history: Annotated[
+        bool, typer.Option(help="start an empty history store if --history has none")
+    ] = False,
     host: Annotated[
         str, typer.Option(help="bind address (127.0.0.1 unless you mean it)")
     ] = "127.0.0.1",
@@ -65,7 +68,9 @@ def serve_command(
         micro_batch=micro_batch,
         micro_batch_wait_ms=micro_batch_wait_ms,
     )
-    ranker = Ranker.from_run(run, history=history, data=data, config=config)
+    ranker = Ranker.from_run(
+        run, history=history, data=data, config=config, create_history=create_history
+    )
     app = create_app(ranker, token=os.environ.get(token_env) or None, max_body_bytes=max_body_bytes)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

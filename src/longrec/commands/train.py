@@ -66,6 +66,7 @@ def train_command(
         )
         raise SystemExit(relaunch(nproc, argv))
     from longrec.config import resolve
+    from longrec.data.dataset import PreparedDataset
     from longrec.errors import UserError
     from longrec.outputs import check_replaceable, retire_dir, writer_lock
     from longrec.report.runs import metrics_table
@@ -87,7 +88,8 @@ def train_command(
     with writer_lock(out) if rank == 0 else contextlib.nullcontext():
         existing = check_replaceable(out, "run", resume or overwrite) if rank == 0 else True
         if existing and resume and (out / rd.CONFIG).exists():
-            stored, _ = rd.read_config(out)
+            stored, schema = rd.read_config(out)
+            PreparedDataset(data).check_belongs(schema.fingerprint, schema.fields, str(out))
             cfg, changed = resume_config(
                 stored, config, set or [], data__path=str(data), model__name=model
             )
@@ -119,12 +121,13 @@ def eval_command(
     from longrec.train.evaluate import evaluate_split
     from longrec.train.run_dir import load_run
 
-    model, cfg, _ = load_run(run)
+    model, cfg, schema = load_run(run)
     if data is not None:
         cfg.data.path = str(data)
     if max_len is not None:
         cfg.data.max_len = max_len
     dataset = PreparedDataset(cfg.data.path)
+    dataset.check_belongs(schema.fingerprint, schema.fields, str(run))
     metrics = evaluate_split(model, dataset, split, cfg)
     out = {"run": str(run), "split": split, "max_len": cfg.data.max_len, **metrics}
     if retrieval:

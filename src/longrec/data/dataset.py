@@ -38,6 +38,31 @@ class PreparedDataset:
         return SequenceStore.open(self.root)
 
     @property
+    def fingerprint(self) -> str | None:
+        """The vocabularies' digest (`compute_fingerprint`); None for datasets prepared before
+        it existed."""
+        return self.meta.get("fingerprint")
+
+    def check_belongs(self, fingerprint: str | None, fields: dict, owner: str) -> None:
+        """UserError unless this dataset is the one `owner` (a run) was built on: the same
+        fingerprint, or, where either side predates fingerprints, the same vocabulary sizes."""
+        mine = self.fingerprint
+        if fingerprint and mine:
+            if fingerprint != mine:
+                raise UserError(
+                    f"{self.root} is not the dataset {owner} was trained on (vocabulary "
+                    f"fingerprint {mine[7:19]} vs {fingerprint[7:19]}): its ids would map to "
+                    "other users, items and categories"
+                )
+            return
+        for name, spec in fields.items():
+            if name in self.fields and self.fields[name].vocab_size != spec.vocab_size:
+                raise UserError(
+                    f"{self.root} is not the dataset {owner} was trained on (field {name}: "
+                    f"{self.fields[name].vocab_size:,} ids, the run has {spec.vocab_size:,})"
+                )
+
+    @property
     def n_users(self) -> int:
         return int(self.meta["n_users"])
 
@@ -70,6 +95,27 @@ class PreparedDataset:
         """Ground-truth relevant behaviours (synthetic data): sample, store_row, relevance."""
         path = self.root / "truth" / f"{split}.parquet"
         return _read_parquet(path) if path.exists() else None
+
+
+def compute_fingerprint(root: Path, meta: dict) -> str:
+    """A digest of what makes a dataset's ids mean what they mean: every vocabulary (raw value
+    at each index) and the field layout. Two datasets share it only if a model trained on one
+    reads the other's ids as the same users, items and categories."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    h = hashlib.sha256()
+    layout = {k: meta.get(k) for k in ("fields", "target_fields", "n_users")}
+    h.update(json.dumps(layout, sort_keys=True).encode())
+    for path in sorted((Path(root) / "vocab").glob("*.parquet")):
+        table = pq.read_table(path, columns=["value", "index"])
+        index = table["index"].to_numpy()
+        order = np.argsort(index, kind="stable")
+        values = table["value"].to_pylist()
+        h.update(path.name.encode() + b"\0" + index[order].astype("<i8").tobytes())
+        h.update("\0".join(str(values[i]) for i in order).encode())
+    return "sha256:" + h.hexdigest()
 
 
 def _read_parquet(path: Path) -> Columns:

@@ -20,6 +20,7 @@ import duckdb
 import numpy as np
 
 from longrec import __version__
+from longrec.data.dataset import compute_fingerprint
 from longrec.data.impressions import fetch_impressions, impression_samples
 from longrec.data.protocols import (
     SPLITS,
@@ -112,6 +113,7 @@ def _prepare_locked(cfg: PrepareConfig, protocol, source, out: Path) -> dict:
         meta = _build(con, loaded, cfg, protocol, build, log)
         con.close()
         shutil.rmtree(work)
+        meta["fingerprint"] = compute_fingerprint(build, meta)
         (build / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         write_marker(build, "dataset")
         replace_dir(build, out)

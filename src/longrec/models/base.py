@@ -31,12 +31,18 @@ class DataSchema:
     n_users: int
     max_len: int
     n_target_types: int = 0
+    fingerprint: str | None = None  # the dataset's vocabularies (PreparedDataset.fingerprint)
 
     @classmethod
     def from_dataset(cls, dataset, max_len: int) -> DataSchema:
         n_types = dataset.vocab_size("target_type") if "target_type" in dataset.target_fields else 0
         return cls(
-            dict(dataset.fields), tuple(dataset.target_fields), dataset.n_users, max_len, n_types
+            dict(dataset.fields),
+            tuple(dataset.target_fields),
+            dataset.n_users,
+            max_len,
+            n_types,
+            dataset.fingerprint,
         )
 
     def to_json(self) -> dict:

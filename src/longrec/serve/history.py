@@ -84,23 +84,32 @@ def _name_widths(fields: Sequence[FieldSpec] | Sequence[tuple[str, int]]) -> lis
     return out
 
 
-def schema_json(fields: Sequence[FieldSpec], chunk: int) -> str:
-    """The metadata a store keeps about itself (compared on every open)."""
-    return json.dumps(
-        {
-            "format": STORE_FORMAT,
-            "format_version": STORE_FORMAT_VERSION,
-            "fields": [[name, width] for name, width in _name_widths(fields)],
-            "chunk": int(chunk),
-        },
-        sort_keys=True,
+def schema_json(fields: Sequence[FieldSpec], chunk: int, dataset: str | None = None) -> str:
+    """The metadata a store keeps about itself (compared on every open). `dataset` is the
+    fingerprint of the vocabularies its ids come from (PreparedDataset.fingerprint)."""
+    meta = {
+        "format": STORE_FORMAT,
+        "format_version": STORE_FORMAT_VERSION,
+        "fields": [[name, width] for name, width in _name_widths(fields)],
+        "chunk": int(chunk),
+    }
+    if dataset:
+        meta["dataset"] = dataset
+    return json.dumps(meta, sort_keys=True)
+
+
+def missing_store(where: str) -> UserError:
+    return UserError(
+        f"{where}: no history store there; fill one with `longrec serve load-history`, or pass "
+        "--create-history to start an empty one"
     )
 
 
 def check_schema(
-    stored: str | bytes, fields: Sequence[FieldSpec], where: str
+    stored: str | bytes, fields: Sequence[FieldSpec], where: str, dataset: str | None = None
 ) -> tuple[list[tuple[str, int]], int]:
-    """The stored (field, width) layout and chunk size, if it holds the same fields as `fields`.
+    """The stored (field, width) layout and chunk size, if it holds the same fields as `fields`
+    and ids of the same dataset (when both sides know their dataset's fingerprint).
 
     Field order may differ (the stored order is the record layout); names and widths may not.
     """
@@ -122,6 +131,12 @@ def check_schema(
         raise HistorySchemaError(
             f"{where} holds fields {_describe(layout)} but was opened with {_describe(wanted)}; "
             "use a new store (or load this dataset's history into an empty one)"
+        )
+    theirs = meta.get("dataset")
+    if dataset and theirs and theirs != dataset:
+        raise HistorySchemaError(
+            f"{where} holds histories of another dataset (vocabulary fingerprint {theirs[7:19]}, "
+            f"wanted {dataset[7:19]}): its ids would be read as other items; use a new store"
         )
     return layout, int(meta["chunk"])
 
@@ -306,7 +321,8 @@ def open_history(
     (also `rediss://` and `redis://:password@HOST:PORT/DB`). URL query parameters set options:
     `max_per_user=N` (both), `chunk=N` (records per chunk, used only when the store is created),
     `map_size_gb=N` (LMDB), `prefix=STR` (Redis key prefix, default `longrec:`). Keyword
-    arguments win over the URL.
+    arguments win over the URL; `dataset` (a fingerprint) is recorded in a new store and must
+    match an existing one's; `create=False` refuses a store that does not exist yet.
     """
     if not isinstance(url, str) or "://" not in url:
         raise UserError(

@@ -51,6 +51,7 @@ from longrec.serve.history import (
     DEFAULT_MAX_PER_USER,
     HistoryStore,
     check_schema,
+    missing_store,
     schema_json,
 )
 
@@ -112,9 +113,13 @@ class LmdbHistoryStore(HistoryStore):
         max_per_user: int = DEFAULT_MAX_PER_USER,
         chunk: int = DEFAULT_CHUNK,
         map_size_gb: int = 64,
+        dataset: str | None = None,
+        create: bool = True,
     ):
         self.path = Path(path)
         self.max_per_user = int(max_per_user)
+        if not create and not (self.path / "data.mdb").is_file():
+            raise missing_store(f"lmdb://{self.path}")
         self._env = _acquire_env(self.path, int(map_size_gb) << 30)
         self._closed = False
         self._wlock = threading.Lock()
@@ -125,9 +130,9 @@ class LmdbHistoryStore(HistoryStore):
             with self._env.begin(write=True, db=self._meta) as txn:
                 stored = txn.get(SCHEMA_KEY)
                 if stored is None:
-                    stored = schema_json(fields, chunk).encode()
+                    stored = schema_json(fields, chunk, dataset).encode()
                     txn.put(SCHEMA_KEY, stored)
-            layout, chunk = check_schema(bytes(stored), fields, f"lmdb://{self.path}")
+            layout, chunk = check_schema(bytes(stored), fields, f"lmdb://{self.path}", dataset)
         except BaseException:
             self.close()
             raise

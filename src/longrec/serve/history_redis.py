@@ -45,6 +45,7 @@ from longrec.serve.history import (
     DEFAULT_MAX_PER_USER,
     HistoryStore,
     check_schema,
+    missing_store,
     schema_json,
 )
 
@@ -68,6 +69,8 @@ class RedisHistoryStore(HistoryStore):
         chunk: int = DEFAULT_CHUNK,
         prefix: str = "longrec:",
         socket_timeout: float = 10.0,
+        dataset: str | None = None,
+        create: bool = True,
     ):
         import redis
         from redis.backoff import NoBackoff
@@ -91,10 +94,13 @@ class RedisHistoryStore(HistoryStore):
         try:
             self._writer.ping()  # no retries: an unreachable server fails at once
             meta = self.prefix + b"meta"
-            stored = schema_json(fields, chunk).encode()
+            if not create and not self._redis.exists(meta):
+                raise missing_store(f"{self.where} (key {meta.decode()})")
+            stored = schema_json(fields, chunk, dataset).encode()
             self._redis.set(meta, stored, nx=True)
             stored = self._redis.get(meta)
-            layout, chunk = check_schema(stored, fields, f"{self.where} (key {meta.decode()})")
+            where = f"{self.where} (key {meta.decode()})"
+            layout, chunk = check_schema(stored, fields, where, dataset)
         except (redis.ConnectionError, redis.TimeoutError) as err:
             self.close()
             raise UserError(f"cannot connect to Redis at {self.where}: {err}") from None

@@ -91,7 +91,11 @@ def load_history(
             ds.root / "vocab" / "user.parquet", f"no raw id for user index {unnamed[0]}"
         )
 
-    store = open_history(url, fields, max_per_user=max_per_user) if isinstance(url, str) else url
+    store = (
+        open_history(url, fields, max_per_user=max_per_user, dataset=ds.fingerprint)
+        if isinstance(url, str)
+        else url
+    )
     batch_rows = batch_rows or store.bulk_rows
     start = time.perf_counter()
     written = 0

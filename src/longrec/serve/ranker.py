@@ -197,19 +197,22 @@ class Ranker:
         history=None,
         data: str | Path | None = None,
         config: RankerConfig | None = None,
+        create_history: bool = True,
     ) -> Ranker:
         model, cfg, schema = load_run(run)
         dataset = PreparedDataset(data or cfg.data.path)
-        if history is None:
+        dataset.check_belongs(schema.fingerprint, schema.fields, str(run))
+        if history is None or isinstance(history, str):
             from longrec.serve.history import open_history
 
-            history = open_history(
-                f"lmdb://{Path(run) / 'history'}", [dataset.fields[f] for f in dataset.fields]
-            )
-        elif isinstance(history, str):
-            from longrec.serve.history import open_history
-
-            history = open_history(history, [dataset.fields[f] for f in dataset.fields])
+            fields = [dataset.fields[f] for f in dataset.fields]
+            fingerprint = dataset.fingerprint or schema.fingerprint
+            if history is None:  # the run's own store: longrec may create it
+                history = open_history(
+                    f"lmdb://{Path(run) / 'history'}", fields, dataset=fingerprint
+                )
+            else:
+                history = open_history(history, fields, dataset=fingerprint, create=create_history)
         return cls(model, cfg, schema, dataset, history, config)
 
     # -- request -> batch -------------------------------------------------------------------

@@ -97,13 +97,14 @@ def build_tokens(
     if not splits:
         raise UserError("no splits given")
     check_replaceable(out, "token-store", overwrite)
-    model, cfg, _ = load_run(source_run)
+    model, cfg, schema = load_run(source_run)
     if not isinstance(model, IatSourceModel):
         raise UserError(
             f"{source_run} is a '{cfg.model.name}' run; tokens come from an IAT source model "
             "(train one with --model iat_source or iat_source_user)"
         )
     dataset = PreparedDataset(data or cfg.data.path)
+    dataset.check_belongs(schema.fingerprint, schema.fields, str(source_run))
     bs = batch_size or cfg.data.eval_batch_size
     users, times, labels, tokens, counts = [], [], [], [], {}
     for split in splits:
