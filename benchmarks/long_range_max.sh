@@ -42,3 +42,5 @@ extrapolation() {
 ( scaling scaling-stca stca 100,1000,10000; extrapolation ) &
 ( scaling scaling-dare dare 100,1000,10000; scaling scaling-din din 100,1000 ) &
 wait
+# the hard (category) search retrieves every same-category behaviour wherever it sits
+scaling scaling-twin-hard twin_hard 100,1000,10000

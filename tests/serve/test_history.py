@@ -129,7 +129,7 @@ def test_schema_mismatch_refused(open_store):
 
 
 def test_a_store_of_another_dataset_is_refused_and_a_missing_one_is_not_created(open_store):
-    with pytest.raises(UserError, match="no history store there.*--create-history"):
+    with pytest.raises(UserError, match=r"no history store there.*--create-history"):
         open_store(FIELDS, create=False)
     store = open_store(FIELDS, dataset="sha256:" + "a" * 64)
     store.append("u", events(0, 3))
