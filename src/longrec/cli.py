@@ -29,3 +29,6 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"longrec: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("longrec: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -8,6 +8,7 @@ evaluation). The fully resolved config is written to RUN/config.yaml, enough to 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,10 +163,48 @@ def resolve(config_file: str | Path | None, overrides: list[str], **direct: Any)
 
 
 def build_config(raw: dict) -> RunConfig:
-    """A RunConfig from a full config dict, every field's type checked."""
+    """A RunConfig from a full config dict, every field's type and range checked."""
     cfg = RunConfig.from_dict(raw)
     _check_types(cfg)
+    _check_ranges(cfg)
     return cfg
+
+
+# (section.field, smallest allowed value); None values mean "default / off" and pass
+_AT_LEAST = {
+    "data.max_len": 1,
+    "data.eval_batch_size": 1,
+    "data.prefetch": 0,
+    "data.train_min_len": 1,
+    "data.train_mean_len": 1,
+    "data.max_tokens": 1,
+    "train.epochs": 1,
+    "train.max_steps": 1,
+    "train.batch_size": 1,
+    "train.eval_every": 1,
+    "train.log_every": 1,
+    "train.threads": 1,
+    "train.warmup_steps": 0,
+    "train.early_stop_patience": 1,
+    "train.shard_min_rows": 1,
+    "train.l2": 0,
+    "train.weight_decay": 0,
+}
+_POSITIVE = ("train.lr", "train.embed_lr", "train.grad_clip", "data.train_length_alpha")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """One line for the first value no run could use (a zero batch, a NaN learning rate...)."""
+    for name, low in _AT_LEAST.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and not value >= low:  # `not >=` also catches NaN
+            raise UserError(f"config: {name} = {value!r} must be at least {low}")
+    for name in _POSITIVE:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"config: {name} = {value!r} must be a positive finite number")
 
 
 def _check_types(cfg: RunConfig) -> None:

@@ -251,3 +251,32 @@ def test_tab_delimiter_typed_as_backslash_t(tmp_path, run_cli):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "meta.json").read_text())["store"]["rows"] == 15
+
+
+def test_timestamps_out_of_range_and_duplicate_rows(tmp_path, run_cli):
+    rows = [f"{u},{100 * u + i},7,pv,{1_511_000_000 + 10 * i}" for u in (1, 2) for i in range(6)]
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join([*rows, rows[0], rows[1], "3,9,7,pv,99999999999999"]) + "\n")
+    common = ["prepare", "taobao", "--input", log, "--protocol", "leave_one_out", "--quiet"]
+    r = run_cli(*common, "--out", tmp_path / "a")
+    assert r.returncode == 2 and f"{log}:15: field 'ts': expected unix seconds" in r.stderr
+    r = run_cli(*common, "--out", tmp_path / "b", "--on-bad-rows", "skip")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["rows"]["skipped_by_reason"] == {"bad_value:ts": 1}
+    assert meta["rows"]["duplicate_rows"] == 2 and meta["store"]["rows"] == 14  # kept
+    r = run_cli(*common, "--out", tmp_path / "c", "--on-bad-rows", "skip", "--duplicates", "drop")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["rows"]["duplicate_rows"] == 2 and meta["store"]["rows"] == 12
+    assert meta["rows"]["rows_filtered"] == {"exact duplicate row": 2}
+
+
+def test_a_huge_bad_field_is_echoed_short(tmp_path, run_cli):
+    log = tmp_path / "log.csv"
+    rows = [f"1,{100 + i},7,pv,{1_511_000_000 + i}" for i in range(5)]
+    log.write_text("\n".join([*rows, "1,1,7,pv," + "9" * 50 + "x" * 5_000_000]) + "\n")
+    r = run_cli("prepare", "taobao", "--input", log, "--out", tmp_path / "o", "--quiet",
+                "--protocol", "leave_one_out")  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr) < 500, r.stderr[:1000]
+    assert "characters" in r.stderr

@@ -47,7 +47,7 @@ def served(prepared_taobao, tmp_path_factory):
     store = open_history(url, list(ds.fields.values()))
     load_history(prepared_taobao, store)
     ranker = Ranker.from_run(root / "run", history=store, config=RankerConfig(max_candidates=50))
-    app = create_app(ranker, token=TOKEN, max_body_bytes=64 * 1024)
+    app = create_app(ranker, token=TOKEN, max_body_bytes=64 * 1024, docs=True)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -160,6 +160,9 @@ def test_unknown_user_gets_an_empty_history_and_scores(served):
         (b'{"user": "1", "candidates": ["1"], "now": "yesterday"}', 422),
         (b'{"user": "1", "candidates": ["1"], "surprise": 1}', 422),
         (b'{"user": {"a": 1}, "candidates": ["1"]}', 422),
+        (b'{"user": true, "candidates": ["1"]}', 422),
+        (b'{"user": "1", "candidates": [false]}', 422),
+        (b'{"user": "1", "candidates": ["1"], "now": "1700000000"}', 422),
         (b'{"user": "1", "candidates": ["1", "2"], "target_types": ["a"]}', 422),
     ],
 )
@@ -177,6 +180,15 @@ def test_too_many_candidates_and_too_large_bodies_are_413(served):
     assert r.status_code == 413 and "at most 50" in r.json()["detail"]
     big = {"user": "1", "candidates": ["x" * 1000] * 100}
     assert client.post("/v1/rank", json=big).status_code == 413
+
+    def chunks():  # no content-length: the limit must hold while the body streams in
+        yield b'{"user": "1", "candidates": ['
+        for _ in range(100):
+            yield b'"' + b"x" * 1000 + b'", '
+        yield b'"1"]}'
+
+    r = client.post("/v1/rank", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
 
 
 def test_bad_events_are_422(served):
@@ -211,11 +223,29 @@ def test_metrics_are_prometheus_text(served):
         assert name in text
 
 
+def test_metrics_labels_are_route_templates_not_raw_paths(served):
+    client = served["client"]
+    for i in range(3):
+        assert client.get(f"/no/such/path-{i}-zz").status_code == 404
+    text = client.get("/metrics").text
+    assert "path-0-zz" not in text and 'route="unmatched"' in text
+    assert 'route="/v1/rank"' in text
+
+
+def test_docs_follow_the_token_rule(served):
+    base = served["base"]
+    for path in ("/openapi.json", "/docs"):
+        assert httpx.get(f"{base}{path}").status_code == 401
+        assert served["client"].get(path).status_code == 200
+
+
 def test_openapi_schema_never_gives_a_500(served):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
-    schema = schemathesis.openapi.from_url(f"{served['base']}/openapi.json")
+    schema = schemathesis.openapi.from_url(
+        f"{served['base']}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     failures: list[tuple] = []
     checked = 0
     for result in schema.get_all_operations():

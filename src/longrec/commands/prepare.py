@@ -37,6 +37,9 @@ def prepare_command(
     behaviors: Annotated[
         str | None, typer.Option(help="keep only these behaviour types, e.g. pv")
     ] = None,
+    duplicates: Annotated[
+        str, typer.Option(help="rows identical in every field: keep (counted) | drop")
+    ] = "keep",
     columns: Annotated[
         str | None, typer.Option(help="csv/parquet column map: user=uid,item=iid,ts=time,...")
     ] = None,
@@ -129,6 +132,7 @@ def prepare_command(
         if behaviors
         else None,
         min_count=min_count,
+        duplicates=duplicates,
         overwrite=overwrite,
         memory_limit=memory_limit,
         threads=threads,

@@ -43,6 +43,9 @@ def serve_command(
     micro_batch_wait_ms: Annotated[
         float, typer.Option(help="how long a forward waits for more requests")
     ] = 0.0,
+    docs: Annotated[
+        bool, typer.Option(help="serve /docs and /openapi.json (behind the token, if one is set)")
+    ] = False,
     token_env: Annotated[
         str, typer.Option(help="env var holding an optional bearer token")
     ] = "LONGREC_TOKEN",
@@ -58,8 +61,18 @@ def serve_command(
     from longrec.serve.app import create_app
     from longrec.serve.ranker import Ranker, RankerConfig
 
-    if micro_batch < 1 or micro_batch_wait_ms < 0:
+    if micro_batch < 1 or not micro_batch_wait_ms >= 0:
         raise UserError("--micro-batch must be >= 1 and --micro-batch-wait-ms >= 0")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port (0..65535)")
+    for name, value, low in (
+        ("--max-candidates", max_candidates, 1),
+        ("--max-body-bytes", max_body_bytes, 1),
+        ("--cache-mb", cache_mb, 0),
+        ("--max-len", max_len, 1),
+    ):
+        if value is not None and value < low:
+            raise UserError(f"{name} {value} must be at least {low}")
     config = RankerConfig(
         max_len=max_len,
         max_candidates=max_candidates,
@@ -71,7 +84,12 @@ def serve_command(
     ranker = Ranker.from_run(
         run, history=history, data=data, config=config, create_history=create_history
     )
-    app = create_app(ranker, token=os.environ.get(token_env) or None, max_body_bytes=max_body_bytes)
+    app = create_app(
+        ranker,
+        token=os.environ.get(token_env) or None,
+        max_body_bytes=max_body_bytes,
+        docs=docs,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

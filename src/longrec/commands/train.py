@@ -117,10 +117,15 @@ def eval_command(
     ] = None,
     retrieval: Annotated[bool, typer.Option(help="also NDCG@k of the search stage")] = False,
 ) -> None:
+    import sys
+
     from longrec.data.dataset import PreparedDataset
+    from longrec.errors import UserError
     from longrec.train.evaluate import evaluate_split
     from longrec.train.run_dir import load_run
 
+    if max_len is not None and max_len < 1:
+        raise UserError(f"--max-len {max_len} must be at least 1")
     model, cfg, schema = load_run(run)
     if data is not None:
         cfg.data.path = str(data)
@@ -128,6 +133,13 @@ def eval_command(
         cfg.data.max_len = max_len
     dataset = PreparedDataset(cfg.data.path)
     dataset.check_belongs(schema.fingerprint, schema.fields, str(run))
+    cap = model.history_cap()
+    if max_len is not None and cap is not None and max_len > cap:
+        print(
+            f"note: {cfg.model.name} reads at most its {cap:,} most recent behaviours (fixed when "
+            f"it was built); --max-len {max_len:,} gives it no more",
+            file=sys.stderr,
+        )
     metrics = evaluate_split(model, dataset, split, cfg)
     out = {"run": str(run), "split": split, "max_len": cfg.data.max_len, **metrics}
     if retrieval:

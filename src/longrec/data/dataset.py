@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from longrec.data.files import load_npy, read_parquet
 from longrec.data.samples import Columns, read_split
 from longrec.data.schema import FORMAT_VERSION, FieldSpec
 from longrec.data.store import SequenceStore
-from longrec.errors import UserError
+from longrec.errors import DataError, UserError
 
 
 class PreparedDataset:
@@ -22,15 +23,19 @@ class PreparedDataset:
             raise UserError(
                 f"{self.root} is not a prepared dataset (no meta.json); run `longrec prepare`"
             )
-        self.meta: dict = json.loads(meta_path.read_text())
+        try:
+            self.meta: dict = json.loads(meta_path.read_text())
+            fields = self.meta["fields"]
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise DataError(
+                meta_path, f"not a dataset description ({type(err).__name__})"
+            ) from None
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{self.root}: dataset format {self.meta.get('format_version')} but this longrec reads "
                 f"format {FORMAT_VERSION}; prepare it again"
             )
-        self.fields: dict[str, FieldSpec] = {
-            f["name"]: FieldSpec.from_json(f) for f in self.meta["fields"]
-        }
+        self.fields: dict[str, FieldSpec] = {f["name"]: FieldSpec.from_json(f) for f in fields}
         self._splits: dict[str, Columns] = {}
 
     @cached_property
@@ -89,7 +94,7 @@ class PreparedDataset:
 
     @cached_property
     def item_tables(self) -> dict[str, np.ndarray]:
-        return {p.stem: np.load(p) for p in sorted((self.root / "items").glob("*.npy"))}
+        return {p.stem: load_npy(p) for p in sorted((self.root / "items").glob("*.npy"))}
 
     def truth(self, split: str) -> Columns | None:
         """Ground-truth relevant behaviours (synthetic data): sample, store_row, relevance."""
@@ -103,13 +108,11 @@ def compute_fingerprint(root: Path, meta: dict) -> str:
     reads the other's ids as the same users, items and categories."""
     import hashlib
 
-    import pyarrow.parquet as pq
-
     h = hashlib.sha256()
     layout = {k: meta.get(k) for k in ("fields", "target_fields", "n_users")}
     h.update(json.dumps(layout, sort_keys=True).encode())
     for path in sorted((Path(root) / "vocab").glob("*.parquet")):
-        table = pq.read_table(path, columns=["value", "index"])
+        table = read_parquet(path, columns=["value", "index"])
         index = table["index"].to_numpy()
         order = np.argsort(index, kind="stable")
         values = table["value"].to_pylist()
@@ -119,17 +122,14 @@ def compute_fingerprint(root: Path, meta: dict) -> str:
 
 
 def _read_parquet(path: Path) -> Columns:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
+    table = read_parquet(path)
     return {name: table[name].to_numpy() for name in table.column_names}
 
 
 def _vocab_len(root: Path, name: str) -> int:
-    import pyarrow.parquet as pq
 
     path = root / "vocab" / f"{name}.parquet"
     if not path.exists():
         raise KeyError(name)
-    index = pq.read_table(path, columns=["index"])["index"].to_numpy()
+    index = read_parquet(path, columns=["index"])["index"].to_numpy()
     return int(index.max()) + 1 if len(index) else 2

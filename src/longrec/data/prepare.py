@@ -8,10 +8,14 @@ temporary directory beside the output and renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +46,7 @@ from longrec.data.sources import FieldDecl, LoadedSource, SourceOptions, get_sou
 from longrec.data.store import SequenceStore, StoreWriter
 from longrec.data.vocab import build_vocab, encode_sql, pad_lists
 from longrec.errors import UserError
+from longrec.faults import fault_point
 from longrec.outputs import check_replaceable, replace_dir, temp_path, write_marker, writer_lock
 
 _FETCH_ROWS = 1 << 20
@@ -55,6 +60,7 @@ class PrepareConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     source_options: SourceOptions = field(default_factory=SourceOptions)
     behaviors: tuple[str, ...] | None = None  # keep only these behaviour types (e.g. DARE: pv)
+    duplicates: str = "keep"  # exact duplicate rows: keep (counted) | drop (all but the first)
     min_count: int = 1  # values of item-side fields rarer than this map to "unseen"
     max_multi: int = 16  # width of multi-valued fields (longer lists are cut)
     overwrite: bool = False
@@ -80,6 +86,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Build the prepared dataset at `cfg.out`; return its meta.json content."""
     protocol = cfg.protocol.resolved()
     out = Path(cfg.out)
+    if cfg.duplicates not in ("keep", "drop"):
+        raise UserError(f"--duplicates must be keep or drop, not {cfg.duplicates!r}")
     check_replaceable(out, "dataset", cfg.overwrite)
     source = get_source(cfg.source)
     if protocol.name == "impressions" and cfg.source != "synth":
@@ -95,10 +103,13 @@ def _prepare_locked(cfg: PrepareConfig, protocol, source, out: Path) -> dict:
     work = build / ".work"
     work.mkdir(parents=True)
     log = _Log(cfg.quiet)
+    stack = contextlib.ExitStack()
+    ctrl_c: list[bool] = []
     try:
         # in-memory database: tables spill to temp_directory beyond memory_limit, and nothing
         # is written to (and compressed into) a database file that is deleted afterwards
         con = duckdb.connect()
+        ctrl_c = stack.enter_context(_ctrl_c_interrupts(con))
         con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
         con.execute(f"SET temp_directory = '{work / 'spill'}'")
         con.execute("SET preserve_insertion_order = true")
@@ -110,18 +121,67 @@ def _prepare_locked(cfg: PrepareConfig, protocol, source, out: Path) -> dict:
         for line in loaded.report.summary_lines():
             log(line)
         _filter_behaviors(con, loaded, cfg.behaviors)
+        _duplicate_rows(con, loaded, cfg.duplicates, log)
         meta = _build(con, loaded, cfg, protocol, build, log)
         con.close()
         shutil.rmtree(work)
         meta["fingerprint"] = compute_fingerprint(build, meta)
         (build / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         write_marker(build, "dataset")
+        fault_point("prepare-before-rename")
         replace_dir(build, out)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
+        if ctrl_c:  # DuckDB reports the interrupted query as one of its own errors
+            raise KeyboardInterrupt from None
         raise
+    finally:
+        stack.close()
     log(f"wrote {out}")
     return meta
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts(con) -> Iterator[list[bool]]:
+    """Make Ctrl-C stop a running DuckDB query: with Python's default handler DuckDB swallows
+    SIGINT and the query (minutes on a large log) runs on. The handler interrupts the query
+    and raises KeyboardInterrupt, so the build folder is removed and nothing is written."""
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def handler(signum, frame):
+        pressed.append(True)
+        con.interrupt()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _duplicate_rows(con, loaded: LoadedSource, policy: str, log) -> None:
+    """Count rows identical in every field (a log exported twice, a retried write) and, with
+    `drop`, keep only the first of each; the count goes to meta.json either way."""
+    cols = [r[0] for r in con.execute("DESCRIBE behaviors").fetchall() if r[0] != "ord"]
+    listed = ", ".join(f'"{c}"' for c in cols)
+    total = con.execute("SELECT count(*) FROM behaviors").fetchone()[0]
+    distinct = con.execute(f"SELECT count(*) FROM (SELECT DISTINCT {listed} FROM behaviors)")
+    n = int(total - distinct.fetchone()[0])
+    loaded.report.duplicates = n
+    if not n:
+        return
+    if policy == "drop":
+        con.execute(
+            f"""CREATE OR REPLACE TABLE behaviors AS SELECT * FROM behaviors
+                QUALIFY row_number() OVER (PARTITION BY {listed} ORDER BY ord) = 1
+                ORDER BY ord"""
+        )
+        loaded.report.add_filtered("exact duplicate row", n)
+    log(f"{n:,} rows repeat an earlier row exactly ({'dropped' if policy == 'drop' else 'kept'})")
 
 
 def _filter_behaviors(con, loaded: LoadedSource, keep: tuple[str, ...] | None) -> None:

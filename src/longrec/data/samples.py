@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from longrec.data.files import read_parquet
 from longrec.data.protocols import SPLITS, NegativeSampler, Positives, ProtocolConfig
 from longrec.data.store import SequenceStore, history_end
 
@@ -120,7 +121,7 @@ def write_split(path: Path, cols: Columns) -> None:
 
 def read_split(root: str | Path, split: str) -> Columns:
     """A split as numpy columns (fixed-width list columns become [n, W] matrices)."""
-    table = pq.read_table(Path(root) / "samples" / f"{split}.parquet")
+    table = read_parquet(Path(root) / "samples" / f"{split}.parquet")
     out: Columns = {}
     for name in table.column_names:
         col = table[name].combine_chunks()

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from longrec.data.files import load_npy
 from longrec.data.schema import FieldSpec
+from longrec.errors import DataError
 
 
 @dataclass
@@ -35,8 +37,21 @@ class SequenceStore:
     def open(cls, root: str | Path, mmap: bool = True) -> SequenceStore:
         root = Path(root) / "store"
         mode = "r" if mmap else None
-        arrays = {p.stem: np.load(p, mmap_mode=mode) for p in sorted(root.glob("*.npy"))}
+        arrays = {p.stem: load_npy(p, mode) for p in sorted(root.glob("*.npy"))}
+        for need in ("offsets", "ts"):
+            if need not in arrays:
+                raise DataError(root / f"{need}.npy", "missing (the dataset is incomplete)")
         offsets = np.asarray(arrays.pop("offsets"))
+        rows = int(offsets[-1]) if offsets.ndim == 1 and len(offsets) else -1
+        if rows < 0 or offsets[0] != 0:
+            raise DataError(root / "offsets.npy", "not a store's row offsets")
+        for name, array in arrays.items():
+            if array.shape[0] != rows:
+                raise DataError(
+                    root / f"{name}.npy",
+                    f"{array.shape[0]:,} rows where the store has {rows:,} (truncated, or from "
+                    "another dataset)",
+                )
         ts = arrays.pop("ts")
         source_row = arrays.pop("source_row", None)
         return cls(offsets=offsets, ts=ts, fields=arrays, source_row=source_row)

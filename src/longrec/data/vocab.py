@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from longrec.data.files import read_parquet
 from longrec.data.schema import FIRST_INDEX, UNSEEN
 
 
@@ -76,7 +77,7 @@ def encode_sql(name: str, column: str, alias: str, multi: bool = False) -> tuple
 
 def load_vocab(root: str | Path, name: str) -> dict[str, int]:
     """Raw value (as text) -> index, for serving and inspection."""
-    table = pq.read_table(Path(root) / "vocab" / f"{name}.parquet")
+    table = read_parquet(Path(root) / "vocab" / f"{name}.parquet")
     return dict(zip(table["value"].to_pylist(), table["index"].to_pylist(), strict=True))
 
 

@@ -94,6 +94,7 @@ class SequenceModel(nn.Module, ABC):
                 f"model '{cls.name}': unknown parameter(s) {', '.join(sorted(unknown))}; "
                 f"known: {', '.join(sorted(known))}"
             )
+        _check_param_values(cls.name, cls.Params, values)
         return cls.Params(**values)
 
     @abstractmethod
@@ -128,6 +129,12 @@ class SequenceModel(nn.Module, ABC):
                 names.append(extra)
         return tuple(names)
 
+    def history_cap(self) -> int | None:
+        """The most behaviours the model reads whatever the batch holds (models that encode
+        only their most recent `max_len`, fixed when built); None = all it is given."""
+        cap = getattr(self, "max_len", None)
+        return int(cap) if isinstance(cap, int) else None
+
     def reads_history_ts(self) -> bool:
         """Whether the model reads `batch.history_ts`: the loader copies the timestamps (8 bytes
         a behaviour) only for models that do."""
@@ -142,3 +149,53 @@ class SequenceModel(nn.Module, ABC):
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Embedding tables (separate optimiser, no L2 penalty)."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
+
+
+# widths and counts that no model can be built with at 0; other int parameters may be 0
+# (n_layers=0: no self-attention layers; type_dim=0: no target-type embedding; ...)
+_ZERO_ALLOWED = frozenset({"type_dim", "pos_dim", "attn_pos_dim"})
+_COUNTS = frozenset({"heads", "n_heads", "top_k", "soft_k", "hashes", "bits", "bits_per_hash"})
+
+
+def _needs_positive(name: str) -> bool:
+    if name in _ZERO_ALLOWED:
+        return False
+    return name == "dim" or name.endswith("_dim") or name in _COUNTS or name.endswith("_buckets")
+
+
+def _check_param_values(model: str, params_type: type, values: dict[str, Any]) -> None:
+    """Types and ranges of the parameters a user set: an int parameter takes an int (not a
+    bool or a float), never a negative one, and 0 only where 0 means "off"; a float parameter
+    takes a finite number."""
+    import math
+    import types
+    import typing
+
+    try:
+        hints = typing.get_type_hints(params_type)
+    except Exception:  # annotations that only resolve for type checkers: nothing to check by
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(params_type)}
+    for name, value in values.items():
+        hint = hints.get(name)
+        origin = typing.get_origin(hint)
+        if origin is None:
+            allowed = (hint,)
+        elif origin in (typing.Union, types.UnionType):
+            allowed = typing.get_args(hint)
+        else:  # tuple[int, ...], Literal[...]: not a plain number
+            continue
+        if value is None and type(None) in allowed:
+            continue
+        where = f"model '{model}': {name} = {value!r}"
+        if int in allowed and float not in allowed and bool not in allowed:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"{where} must be an integer")
+            zero_ok = not _needs_positive(name) or defaults[name] in (0, None)
+            if value < 0 or (value == 0 and not zero_ok):
+                raise UserError(f"{where} must be at least {0 if zero_ok else 1}")
+        elif float in allowed and bool not in allowed:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise UserError(f"{where} must be a number")
+            if not math.isfinite(value):
+                raise UserError(f"{where} must be finite")

@@ -12,6 +12,7 @@ optional bearer token guards every route but /healthz.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Annotated
@@ -55,7 +56,7 @@ Id = Annotated[
 
 
 class RankRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     user: Id
     candidates: list[Id] = Field(min_length=1, description="item ids to score")
     now: int | None = Field(
@@ -75,13 +76,13 @@ class RankResponse(BaseModel):
 
 
 class Event(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     item: Id
     ts: int = Field(ge=0, le=MAX_TS, description="unix seconds")
 
 
 class EventsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     user: Id
     events: list[Event] = Field(min_length=1)
 
@@ -104,21 +105,28 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _too_large(send, self.limit)
-        seen = 0
+        seen, over = 0, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    over = True
                     raise _BodyTooLarge
             return message
 
-        try:
-            return await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            return await _too_large(send, self.limit)
+        async def unless_over(message):
+            # a streamed (chunked) body goes over while the app parses it: the app answers
+            # that with its own error, which is dropped here for the 413
+            if not over:
+                await send(message)
+
+        with contextlib.suppress(_BodyTooLarge):
+            await self.app(scope, limited, unless_over)
+        if over:
+            await _too_large(send, self.limit)
 
 
 class _BodyTooLarge(Exception):
@@ -137,8 +145,22 @@ async def _too_large(send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(ranker: Ranker, token: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="longrec ranker", version="1", description=__doc__)
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def create_app(
+    ranker: Ranker, token: str | None = None, max_body_bytes: int = 1 << 20, docs: bool = False
+) -> FastAPI:
+    """`docs`: serve /docs, /redoc and /openapi.json (off by default; behind the token when
+    one is set, like every route but /healthz)."""
+    app = FastAPI(
+        title="longrec ranker",
+        version="1",
+        description=__doc__,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     registry = CollectorRegistry()
     requests = Counter("longrec_requests", "HTTP requests", ["route", "status"], registry=registry)
     latency = Histogram(
@@ -167,8 +189,19 @@ def create_app(ranker: Ranker, token: str | None = None, max_body_bytes: int = 1
     @app.middleware("http")
     async def observe(request: Request, call_next):
         t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.url.path
+        if (
+            token is not None
+            and request.url.path in DOC_PATHS
+            and request.headers.get("authorization") != f"Bearer {token}"
+        ):
+            response = JSONResponse(
+                status_code=401, content={"detail": "missing or wrong bearer token"}
+            )
+        else:
+            response = await call_next(request)
+        # the route's template, never the raw path: a client cannot grow the label set
+        matched = request.scope.get("route")
+        route = getattr(matched, "path", None) or "unmatched"
         requests.labels(route, str(response.status_code)).inc()
         latency.labels(route).observe(time.perf_counter() - t0)
         return response

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from longrec.data.dataset import PreparedDataset
+from longrec.data.files import read_parquet
 from longrec.errors import DataError
 from longrec.serve.history import HistoryStore, open_history
 
@@ -43,7 +43,7 @@ def raw_user_ids(root: Path, n_users: int) -> np.ndarray:
     path = root / "vocab" / "user.parquet"
     if not path.exists():
         raise DataError(path, "missing: the dataset has no user vocabulary")
-    table = pq.read_table(path, columns=["value", "index"])
+    table = read_parquet(path, columns=["value", "index"])
     index = table["index"].to_numpy()
     values = np.array(table["value"].to_pylist(), dtype=object)
     keep = index >= 2

@@ -124,7 +124,7 @@ def _describe(error_type: str, column: str | None, message: str, columns: dict[s
     """(reason key, human message) for one DuckDB reject row."""
     if error_type == "CAST" and column in columns:
         m = _CONVERT.search(message or "")
-        got = f', got "{m.group(1)}"' if m else ""
+        got = f', got "{shown(m.group(1))}"' if m else ""
         return (
             f"bad_value:{column}",
             f"field '{column}': expected {columns[column].expectation()}{got}",
@@ -144,7 +144,7 @@ def _describe(error_type: str, column: str | None, message: str, columns: dict[s
         return "line_too_long", "line longer than the reader's maximum"
     if error_type == "INVALID UNICODE":
         return "invalid_utf8", "not valid UTF-8"
-    return error_type.lower().replace(" ", "_"), message or error_type
+    return error_type.lower().replace(" ", "_"), shown(message or error_type, 200)
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,27 @@ class Check:
     reason: str
     message: str  # may contain {value}, filled with `value_sql` of the first offending row
     value_sql: str = "NULL"
+
+
+# unix seconds: before 1970 or after year ~36800 is not a behaviour's time (the server's bound too)
+MAX_TS = 2**40
+
+
+def ts_in_range(column: str = "ts") -> Check:
+    return Check(
+        f"{column} < 0 OR {column} > {MAX_TS}",
+        f"bad_value:{column}",
+        f"field '{column}': expected unix seconds in [0, 2^40], got {{value}}",
+        column,
+    )
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value echoed in a message: control and non-printable characters escaped, at most
+    `limit` characters (a 5 MB field must not be printed or stored in meta.json)."""
+    text = str(value)
+    cut = text[:limit].encode("unicode_escape").decode("ascii")
+    return cut + (f"... ({len(text):,} characters)" if len(text) > limit else "")
 
 
 def not_null(column: str, expect: str = "a value") -> Check:
@@ -320,7 +341,7 @@ def _run_checks(
     lines = data_line_numbers(path, header, rejected_lines, first_rows)
     found: list[tuple[BadRow, int]] = []
     for (check, n, _, value), line in zip(hits, lines.tolist(), strict=True):
-        message = check.message.format(value=value)
+        message = check.message.format(value=shown(value))
         found.append((BadRow(str(path), line if line > 0 else None, check.reason, message), n))
     if delete:
         con.execute(f"DELETE FROM {table} WHERE {_any_violation([h[0] for h in hits])}")

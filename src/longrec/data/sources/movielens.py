@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 
 from longrec.data.sources.base import FieldDecl, LoadedSource, Source, SourceOptions
-from longrec.data.sources.delimited import Column, not_null, read_delimited
+from longrec.data.sources.delimited import Column, not_null, read_delimited, ts_in_range
 from longrec.errors import DataError
 
 
@@ -58,7 +58,13 @@ class MovieLensSource(Source):
             delimiter=delim,
             quote=quote,
             header=csv,
-            checks=(not_null("user"), not_null("item"), not_null("rating"), not_null("ts")),
+            checks=(
+                not_null("user"),
+                not_null("item"),
+                not_null("rating"),
+                not_null("ts"),
+                ts_in_range(),
+            ),
             on_bad_rows=opts.on_bad_rows,
             scratch=scratch,
         )

@@ -34,6 +34,7 @@ class RowReport:
     skipped: dict[str, int] = field(default_factory=dict)
     first_example: dict[str, str] = field(default_factory=dict)
     filtered: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0  # rows identical to an earlier one in every field
 
     def add_bad(self, bad: BadRow, count: int = 1) -> None:
         self.skipped[bad.reason] = self.skipped.get(bad.reason, 0) + count
@@ -64,6 +65,7 @@ class RowReport:
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "first_example_by_reason": dict(sorted(self.first_example.items())),
             "rows_filtered": dict(sorted(self.filtered.items())),
+            "duplicate_rows": self.duplicates,
         }
 
     def summary_lines(self) -> list[str]:

@@ -16,7 +16,13 @@ import duckdb
 
 from longrec.data.schema import BEHAVIOR, DOMAIN, EVENT_SIDE_FIELDS, REQUIRED_COLUMNS, USER
 from longrec.data.sources.base import FieldDecl, LoadedSource, Source, SourceOptions
-from longrec.data.sources.delimited import Check, Column, check_readable, read_delimited
+from longrec.data.sources.delimited import (
+    Check,
+    Column,
+    check_readable,
+    read_delimited,
+    ts_in_range,
+)
 from longrec.data.sources.rows import BadRow, RowReport
 from longrec.data.sources.taxonomy import attach_taxonomy, unify_categories
 from longrec.errors import DataError, UserError
@@ -144,14 +150,15 @@ class CsvSource(Source):
             columns.append(
                 Column(key, kind, expect="an integer unix timestamp" if key == "ts" else "")
             )
-        checks = tuple(
+        missing = [
             Check(
                 f"{k} IS NULL OR {k} = ''" if k != "ts" else "ts IS NULL",
                 f"missing_value:{k}",
                 f"field '{k}': expected a value, got an empty one",
             )
             for k in REQUIRED_COLUMNS
-        )
+        ]
+        checks = (*missing, ts_in_range())
         report = read_delimited(
             con,
             path,

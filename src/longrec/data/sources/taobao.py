@@ -7,7 +7,7 @@ from pathlib import Path
 import duckdb
 
 from longrec.data.sources.base import FieldDecl, LoadedSource, Source, SourceOptions
-from longrec.data.sources.delimited import Column, not_null, read_delimited
+from longrec.data.sources.delimited import Column, not_null, read_delimited, ts_in_range
 
 TAOBAO_BEHAVIORS = ("pv", "buy", "cart", "fav")
 
@@ -39,6 +39,7 @@ class TaobaoSource(Source):
                 not_null("item", "an integer"),
                 not_null("behavior", "one of " + ", ".join(TAOBAO_BEHAVIORS)),
                 not_null("ts", "an integer unix timestamp"),
+                ts_in_range(),
             ),
             on_bad_rows=opts.on_bad_rows,
             scratch=scratch,
