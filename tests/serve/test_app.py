@@ -264,3 +264,22 @@ def test_openapi_schema_never_gives_a_500(served):
         checked += 1
     assert checked >= 4  # rank, events, healthz, metrics
     assert not failures, failures
+
+
+def test_the_readme_curl_example_works_as_printed(served, repo_root):
+    import json
+    import shlex
+    import subprocess
+
+    lines = (repo_root / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("curl "))
+    command = lines[start]
+    while command.endswith("\\"):
+        start += 1
+        command = command[:-1] + lines[start]
+    args = shlex.split(command.replace("localhost:8000", served["base"]))
+    args += ["-H", f"Authorization: Bearer {TOKEN}", "-w", "\\n%{http_code}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=30).stdout
+    body, status = out.rsplit("\n", 1)
+    assert status == "200", body
+    assert len(json.loads(body)["scores"]) == 2
