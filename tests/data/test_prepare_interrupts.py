@@ -61,3 +61,20 @@ def test_sigkill_before_the_rename_leaves_no_output_and_the_next_run_cleans_up(r
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert kind_of(out) == "dataset" and _debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("delay", [2.0, 4.5])
+def test_sigkill_at_an_instant_leaves_a_whole_dataset_or_none(raw, tmp_path, delay):
+    out = tmp_path / "data"
+    proc = _prepare(raw, out)
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not out.exists() or kind_of(out) == "dataset"
+    proc = _prepare(raw, out, env={})
+    _, err = proc.communicate(timeout=120)
+    if out.exists() and proc.returncode == 2:  # it had finished: a second prepare needs --overwrite
+        assert "already exists" in err
+    else:
+        assert proc.returncode == 0, err
+    assert kind_of(out) == "dataset" and _debris(tmp_path) == []

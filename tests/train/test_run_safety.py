@@ -115,3 +115,28 @@ def test_compare_refuses_to_reuse_a_run_with_other_settings(prepared_taobao, tmp
     changed = resolve(None, sets, data__path=str(prepared_taobao))
     with pytest.raises(UserError, match=r"other settings.*train\.lr"):
         run_compare(changed, ["din"], [1], tmp_path, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_instant_finishes_resumes_exactly_or_refuses(
+    prepared_taobao, tmp_path, straight, seed
+):
+    import random
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    delay = random.Random(seed).uniform(3.0, 9.0)  # import, first steps, checkpoints
+    args = [sys.executable, "-m", "longrec", "train", "--data", str(prepared_taobao)]
+    args += ["--out", str(run), "--model", "din", *[a for s in SETS for a in ("--set", s)]]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not (run / rd.METRICS).exists():
+        r = _train(prepared_taobao, run, "--resume")
+        if r.returncode == 2:  # refused: one line, and nothing half-trusted left behind
+            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+            return
+        assert r.returncode == 0, r.stderr
+    assert _metrics(run) == straight
