@@ -69,20 +69,26 @@ def probe(raw: Path, lengths=LENGTHS) -> list[dict]:
         fit = LogisticRegression(max_iter=2000).fit(x[train], y[train])
         return round(float(roc_auc_score(y[test], fit.predict_proba(x[test])[:, 1])), 4)
 
-    rows = [{"L": 0, "type_x_log_truth": auc(onehot)}]
+    kinds = [str(k) for k in np.unique(types)]
+    rows = [{"L": 0, "type_x_log_truth": auc(onehot), **dict.fromkeys(kinds, 0.5)}]
     for j, length in enumerate(lengths):
-        rows.append(
-            {
-                "L": length,
-                "type_x_log_truth": auc(np.hstack([onehot, onehot * np.log1p(s[:, [j]])])),
-            }
-        )
+        x = np.hstack([onehot, onehot * np.log1p(s[:, [j]])])
+        row = {"L": length, "type_x_log_truth": auc(x)}
+        for k in kinds:  # within one target type: how well S_L alone ranks its impressions
+            sel = test & (types == k)
+            row[k] = round(float(roc_auc_score(y[sel], s[sel, j])), 4)
+        rows.append(row)
     return rows
 
 
 if __name__ == "__main__":
     raw = Path(sys.argv[1])
     lengths = tuple(int(x) for x in sys.argv[2:]) or LENGTHS
-    print("| L | type x log(1 + truth in the last L) |\n|---:|---:|")
-    for row in probe(raw, lengths):
-        print(f"| {row['L'] or 'type only'} | {row['type_x_log_truth']:.4f} |")
+    rows = probe(raw, lengths)
+    kinds = [k for k in rows[0] if k not in ("L", "type_x_log_truth")]
+    head = " | ".join(f"{k}: S_L alone" for k in kinds)
+    print(f"| L | type x log(1 + truth in the last L) | {head} |")
+    print("|---:|---:|" + "---:|" * len(kinds))
+    for row in rows:
+        cells = " | ".join(f"{row[k]:.4f}" for k in kinds)
+        print(f"| {row['L'] or 'type only'} | {row['type_x_log_truth']:.4f} | {cells} |")
