@@ -22,25 +22,32 @@ fi
 "$PY" benchmarks/synth_truth_probe.py "$W/raw" 25 50 100 300 1000 2000 4000 10000 | tee "$R/truth_probe.md"
 SETS=(--set data.layout=request --set train.batch_size=16 --set train.epochs=2
       --set train.eval_every=100 --set train.lr=0.003 --set train.threads=1 --set train.progress=false)
-scaling() {  # OUT MODELS LENGTHS
-  $L bench scaling --data "$W/data" --out "$W/$1" --models "$2" --lengths "$3" --seeds 3 "${SETS[@]}"
-  cp "$W/$1/table.md" "$R/$1.md"; cp "$W/$1/scaling.json" "$R/$1.json"
+scaling() {  # OUT MODELS LENGTHS [--set ...]
+  local out=$1 models=$2 lengths=$3; shift 3
+  $L bench scaling --data "$W/data" --out "$W/$out" --models "$models" --lengths "$lengths" \
+    --seeds 3 "${SETS[@]}" "$@"
+  cp "$W/$out/table.md" "$R/$out.md"; cp "$W/$out/scaling.json" "$R/$out.json"
 }
-extrapolation() {
+extrapolation() {  # NAME [--set ...]
+  local name=$1; shift
   for seed in 1 2 3; do
-    run="$W/extrapolation/stca-beta1k-s$seed"
+    run="$W/extrapolation/$name-s$seed"
     [ -f "$run/metrics.json" ] || $L train --data "$W/data" --model stca --out "$run" --overwrite \
       "${SETS[@]}" --set train.seed=$seed --set data.max_len=10000 --set data.train_lengths=beta \
-      --set data.train_mean_len=1000 --set data.bucket=true > /dev/null
+      --set data.train_mean_len=1000 --set data.bucket=true "$@" > /dev/null
     for len in 1000 2000 4000 10000; do
-      f="$R/extrapolation-stca-beta1k-s$seed-L$len.json"
+      f="$R/extrapolation-$name-s$seed-L$len.json"
       [ -s "$f" ] || { $L eval --run "$run" --split test --max-len $len > "$f.tmp" && mv "$f.tmp" "$f"; }
     done
   done
 }
 # two jobs at a time, one thread each (a 2-core machine)
-( scaling scaling-stca stca 100,1000,10000; extrapolation ) &
+( scaling scaling-stca stca 100,1000,10000; extrapolation stca-beta1k ) &
 ( scaling scaling-dare dare 100,1000,10000; scaling scaling-din din 100,1000 ) &
 wait
 # the hard (category) search retrieves every same-category behaviour wherever it sits
 scaling scaling-twin-hard twin_hard 100,1000,10000
+# STCA with the request-time gap in its tokens (BENCHMARKS.md ran 10K with one seed)
+TIME=(--set model.params.time_delta=true)
+scaling scaling-stca-time stca 100,1000,10000 "${TIME[@]}"
+extrapolation stca-time-beta1k "${TIME[@]}"
