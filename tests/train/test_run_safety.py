@@ -115,6 +115,10 @@ def test_compare_refuses_to_reuse_a_run_with_other_settings(prepared_taobao, tmp
     changed = resolve(None, sets, data__path=str(prepared_taobao))
     with pytest.raises(UserError, match=r"other settings.*train\.lr"):
         run_compare(changed, ["din"], [1], tmp_path, log=lambda *_: None)
+    # longrec's own demo folder retrains instead
+    run_compare(changed, ["din"], [1], tmp_path, log=lambda *_: None, retrain_changed=True)
+    (run,) = [p for p in tmp_path.glob("runs/*") if p.is_dir()]
+    assert rd.read_config(run)[0].train.lr == 0.1 and (run / rd.METRICS).exists()
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -78,7 +78,14 @@ def demo_command(
     results = out / "compare-taobao"
     names = [m.strip() for m in models.split(",") if m.strip()]
     seed_list = list(range(1, seeds + 1))
-    records = run_compare(base, names, seed_list, results, log=lambda m: print(m, file=sys.stderr))
+    records = run_compare(
+        base,
+        names,
+        seed_list,
+        results,
+        log=lambda m: print(m, file=sys.stderr),
+        retrain_changed=True,  # the demo's own folder: a newer longrec's settings retrain it
+    )
     title = f"Taobao sample, DARE protocol ({seeds} seeds, configs/demo.yaml)"
     table = compare_table(records, title=title)
     (results / "table.md").write_text(table + "\n")

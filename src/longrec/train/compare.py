@@ -15,6 +15,7 @@ from pathlib import Path
 
 from longrec.config import RunConfig
 from longrec.errors import UserError
+from longrec.outputs import retire_dir
 from longrec.train import run_dir as rd
 from longrec.train.loop import Trainer
 from longrec.train.resume import describe, differences
@@ -51,8 +52,15 @@ class Variant:
 
 
 def run_compare(
-    base: RunConfig, models: list[str | Variant], seeds: list[int], out: Path, log=print
+    base: RunConfig,
+    models: list[str | Variant],
+    seeds: list[int],
+    out: Path,
+    log=print,
+    retrain_changed: bool = False,
 ) -> list[dict]:
+    """Train (or reuse) every (model, seed) run under `out`. A run trained with other settings
+    is refused, or with `retrain_changed` (longrec's own demo folder) trained again."""
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     variants = [m if isinstance(m, Variant) else Variant(m, m) for m in models]
@@ -66,7 +74,10 @@ def run_compare(
             cfg.model.params = {**cfg.model.params, **v.params}
             if (run / rd.CONFIG).exists():
                 refused, _ = differences(rd.read_config(run)[0], cfg)
-                if refused:
+                if refused and retrain_changed:
+                    log(f"{v.label} seed {seed}: settings changed ({describe(refused)}), again")
+                    retire_dir(run)
+                elif refused:
                     raise UserError(
                         f"{run} holds a run with other settings ({describe(refused)}); "
                         "compare into another --out"
