@@ -56,9 +56,10 @@ def counts(b: pl.DataFrame, imp: pl.DataFrame, lengths) -> np.ndarray:
     return out
 
 
-def probe(raw: Path, lengths=LENGTHS) -> list[dict]:
-    b, imp = load(raw)
-    cnt = counts(b, imp, lengths)
+def time_split_probe(imp: pl.DataFrame):
+    """(labels, target types, their one-hot, test mask, auc): auc(x) fits a logistic regression
+    on the earlier impressions' features x and scores the later ones (the impressions
+    protocol's 0.8 / 0.9 time quantiles)."""
     y = imp["label"].to_numpy()
     types = imp["target_type"].to_numpy()
     onehot = (types[:, None] == np.unique(types)[None, :]).astype(float)
@@ -69,6 +70,13 @@ def probe(raw: Path, lengths=LENGTHS) -> list[dict]:
         fit = LogisticRegression(max_iter=2000).fit(x[train], y[train])
         return round(float(roc_auc_score(y[test], fit.predict_proba(x[test])[:, 1])), 4)
 
+    return y, types, onehot, test, auc
+
+
+def probe(raw: Path, lengths=LENGTHS) -> list[dict]:
+    b, imp = load(raw)
+    cnt = counts(b, imp, lengths)
+    _, _, onehot, _, auc = time_split_probe(imp)
     rows = [{"L": 0, "type_only": auc(onehot)}]
     for j, length in enumerate(lengths):
         c = cnt[:, [j]]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from synth_count_probe import time_split_probe
 
 LENGTHS = (25, 50, 100, 300, 1000, 2000, 4000, 10000)
 
@@ -59,16 +59,7 @@ def pooled(raw: Path, lengths) -> tuple[np.ndarray, pl.DataFrame]:
 
 def probe(raw: Path, lengths=LENGTHS) -> list[dict]:
     s, imp = pooled(raw, lengths)
-    y = imp["label"].to_numpy()
-    types = imp["target_type"].to_numpy()
-    onehot = (types[:, None] == np.unique(types)[None, :]).astype(float)
-    ts = imp["ts"].to_numpy()
-    train, test = ts < np.quantile(ts, 0.8), ts >= np.quantile(ts, 0.9)
-
-    def auc(x: np.ndarray) -> float:
-        fit = LogisticRegression(max_iter=2000).fit(x[train], y[train])
-        return round(float(roc_auc_score(y[test], fit.predict_proba(x[test])[:, 1])), 4)
-
+    y, types, onehot, test, auc = time_split_probe(imp)
     kinds = [str(k) for k in np.unique(types)]
     rows = [{"L": 0, "type_x_log_truth": auc(onehot), **dict.fromkeys(kinds, 0.5)}]
     for j, length in enumerate(lengths):
