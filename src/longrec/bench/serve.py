@@ -1,7 +1,8 @@
 """Serving benchmark (issue 05): latency p50/p99 and throughput of POST /v1/rank over real HTTP.
 
 For each model, history length, candidate count and client concurrency: a uvicorn server on
-127.0.0.1 (in this process) answers requests from `concurrency` client threads. "cold" disables
+127.0.0.1 (in this process) answers requests from `concurrency` clients (another process:
+`longrec.bench.load`). "cold" disables
 the user-state cache (every request encodes its user, like a user's first request); "warm"
 repeats a cached user. The comparison "one at a time" scores the same candidates with one
 request per candidate.
@@ -10,10 +11,13 @@ request per candidate.
 from __future__ import annotations
 
 import itertools
+import json
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -78,44 +82,55 @@ def long_users(dataset: Path, min_len: int, n: int) -> list[str]:
 
 
 def measure(
-    base: str, users: list[str], items: list[str], candidates: int, concurrency: int, requests: int
+    base: str,
+    users: list[str],
+    items: list[str],
+    candidates: int,
+    concurrency: int,
+    requests: int,
+    ranker: Ranker | None = None,
 ) -> dict:
+    """Latency and throughput of `requests` rank requests from `concurrency` clients.
+
+    The clients run in a separate process (`longrec.bench.load`): in this one they would share
+    the server's GIL and measure themselves. `requests_per_forward` is how many requests each
+    forward pass of the ranker answered (micro-batching at work)."""
     rng = np.random.default_rng(0)
-    bodies = [
-        {
-            "user": users[i % len(users)],
-            "candidates": list(rng.choice(items, candidates)),
-            "now": 2_000_000_000,
-        }
-        for i in range(requests)
-    ]
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def worker(chunk: list[dict]) -> None:
-        with httpx.Client(base_url=base, timeout=120) as client:
-            for body in chunk:
-                t0 = time.perf_counter()
-                r = client.post("/v1/rank", json=body)
-                dt = time.perf_counter() - t0
-                r.raise_for_status()
-                with lock:
-                    latencies.append(dt)
-
-    with httpx.Client(base_url=base, timeout=120) as warm:
-        warm.post("/v1/rank", json=bodies[0])
-    chunks = [bodies[i::concurrency] for i in range(concurrency)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, chunks))
-    wall = time.perf_counter() - t0
-    lat = np.array(latencies) * 1000
+    warmup = min(20, requests)
+    with tempfile.TemporaryDirectory() as tmp:
+        bodies = Path(tmp) / "bodies.jsonl"
+        with bodies.open("w") as f:
+            for i in range(requests):  # the first `warmup` are also sent once, unmeasured
+                body = {
+                    "user": users[i % len(users)],
+                    "candidates": [str(c) for c in rng.choice(items, candidates)],
+                    "now": 2_000_000_000,
+                }
+                f.write(json.dumps(body) + "\n")
+        before = _forwards(ranker)
+        port = base.rsplit(":", 1)[1]
+        cmd = [sys.executable, "-m", "longrec.bench.load", "--port", port, "--bodies", str(bodies)]
+        cmd += ["--concurrency", str(concurrency), "--warmup", str(warmup)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"load generator failed: {done.stderr.strip()[-500:]}")
+        result = json.loads(done.stdout)
+    forwards = _forwards(ranker) - before
+    non_2xx = sum(n for code, n in result["statuses"].items() if not code.startswith("2"))
     return {
-        "p50_ms": round(float(np.percentile(lat, 50)), 1),
-        "p99_ms": round(float(np.percentile(lat, 99)), 1),
-        "requests_per_s": round(len(lat) / wall, 1),
-        "candidates_per_s": round(len(lat) * candidates / wall),
+        "p50_ms": result["p50_ms"],
+        "p90_ms": result["p90_ms"],
+        "p99_ms": result["p99_ms"],
+        "requests_per_s": result["requests_per_s"],
+        "candidates_per_s": round(result["requests_per_s"] * candidates),
+        "non_2xx": non_2xx,
+        "requests_per_forward": round((warmup + requests) / forwards, 2) if forwards else None,
     }
+
+
+def _forwards(ranker: Ranker | None) -> int:
+    """Forward passes the ranker's micro-batcher has run (0 when micro-batching is off)."""
+    return 0 if ranker is None or ranker.batcher is None else ranker.batcher.stats.batches
 
 
 def bench_serve(
@@ -150,7 +165,7 @@ def bench_serve(
                         for c in concurrency:
                             who = users if cache == "cold" else users[:1]
                             n = requests if c == 1 else max(requests, 4 * c)
-                            result = measure(base, who, items, m, c, n)
+                            result = measure(base, who, items, m, c, n, ranker)
                             row = {
                                 "model": model,
                                 "history": length,
@@ -163,7 +178,7 @@ def bench_serve(
                             log(row)
                             rows.append(row)
                     if cache == "cold" and micro_batch == micro_batches[0]:
-                        one = measure(base, users, items, 1, 1, 100)
+                        one = measure(base, users, items, 1, 1, 100, ranker)
                         row = {
                             "model": model,
                             "history": length,

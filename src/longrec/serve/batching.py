@@ -104,9 +104,14 @@ class MicroBatcher:
 
     def submit(self, item: Any) -> Any:
         """The result of `item` (blocks the calling thread until its batch has run)."""
+        return self.submit_future(item).result()
+
+    def submit_future(self, item: Any) -> Future:
+        """A future of `item`'s result: an event loop awaits it (`asyncio.wrap_future`) without
+        parking a thread per request."""
         future: Future = Future()
         self._queue.put((item, future))
-        return future.result()
+        return future
 
     def close(self) -> None:
         self._queue.put(None)

@@ -15,6 +15,7 @@ throughput 1.1-2.3x over HTTP and 2.4-7.4x in-process (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
@@ -230,6 +231,44 @@ class Ranker:
         timings: RankTimings | None = None,
     ) -> list[float]:
         """Click probabilities of `candidates` (raw item ids) for `user`, in candidate order."""
+        request = self._request(user, candidates, now, target_types, timings)
+        if request is None:
+            return []
+        if self.batcher is not None:
+            return self.batcher.submit(request)
+        return self._rank_one(request)
+
+    async def rank_async(
+        self,
+        user: str,
+        candidates: list[str],
+        now: int | None = None,
+        target_types: list[str] | None = None,
+        timings: RankTimings | None = None,
+    ) -> list[float]:
+        """`rank` for an event loop: awaits the micro-batcher (or a worker thread when
+        micro-batching is off) instead of blocking the loop or parking a thread per request."""
+        request = self._request(user, candidates, now, target_types, timings)
+        if request is None:
+            return []
+        if self.batcher is not None:
+            return await asyncio.wrap_future(self.batcher.submit_future(request))
+        return await asyncio.to_thread(self._rank_one, request)
+
+    def _rank_one(self, request: _Request) -> list[float]:
+        result = self._rank_many([request])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _request(
+        self,
+        user: str,
+        candidates: list[str],
+        now: int | None,
+        target_types: list[str] | None,
+        timings: RankTimings | None,
+    ) -> _Request | None:
         if len(candidates) > self.config.max_candidates:
             raise UserError(
                 f"{len(candidates)} candidates; at most {self.config.max_candidates} per request"
@@ -237,20 +276,14 @@ class Ranker:
         if target_types is not None and len(target_types) != len(candidates):
             raise UserError("target_types must have one entry per candidate")
         if not candidates:
-            return []
-        request = _Request(
+            return None
+        return _Request(
             str(user),
             [str(c) for c in candidates],
             int(time.time()) if now is None else int(now),
             None if target_types is None else [str(t) for t in target_types],
             timings or RankTimings(),
         )
-        if self.batcher is not None:
-            return self.batcher.submit(request)
-        result = self._rank_many([request])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
 
     @torch.no_grad()
     def _rank_many(self, requests: list[_Request]) -> list[list[float] | BaseException]:
@@ -325,9 +358,9 @@ class Ranker:
         )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             state = self.model.encode_user(base)
-        states = [state] if len(misses) == 1 else split_state(state, len(misses))
-        if states is not None and self.config.cache_bytes > 0:
-            for m, one in zip(misses, states, strict=True):
+        if self.config.cache_bytes > 0:
+            states = [state] if len(misses) == 1 else split_state(state, len(misses))
+            for m, one in zip(misses, states or [], strict=False):
                 self.cache.put(m.key, one, length)
         encode_ms = 1e3 * (time.perf_counter() - t0)
         scores = self._score(state, base, reqs)
