@@ -5,6 +5,7 @@ Heavy imports (torch, duckdb) happen inside the commands so that `longrec --help
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except UserError as err:
-        print(f"longrec: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake: one line
+            print(f"longrec: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("longrec: interrupted", file=sys.stderr)

@@ -3,7 +3,7 @@ the N-th time (default 1st) it reaches `fault_point(NAME)`.
 
 A SIGKILL runs no handler, no `finally` and no atexit, which is exactly what a power cut or the
 OOM killer does; the tests use it between named write steps of `prepare` and `train` to check
-that what is left is a finished artefact, one that resumes exactly, or one that is refused.
+(and `synth`) that what is left is a finished artefact, one that resumes exactly, or one that is refused.
 Unset (every normal run), a fault point is one dictionary lookup.
 """
 

@@ -20,7 +20,7 @@ SETS = [
 ]
 
 
-def _train(data, out, extra):
+def _run(data, out, extra, kill_at=None):
     cmd = [
         sys.executable,
         "-m",
@@ -36,7 +36,14 @@ def _train(data, out, extra):
         *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    env.pop("LONGREC_KILL_AT", None)
+    if kill_at:
+        env["LONGREC_KILL_AT"] = kill_at
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _train(data, out, extra):
+    result = _run(data, out, extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
 
@@ -55,3 +62,26 @@ def test_two_processes_match_one_in_expectation(prepared_taobao, tmp_path):
         assert abs(two[split]["auc"] - one[split]["auc"]) < 0.06
     for name in ("config.yaml", "model.safetensors", "state.pt", "log.jsonl"):
         assert (tmp_path / "two" / name).exists()
+
+
+def test_sigkill_of_rank_0_between_writes_resumes_exactly(prepared_taobao, tmp_path):
+    """Rank 0 killed after committing its second checkpoint: the launcher stops rank 1, and
+    `--resume` with two processes ends exactly where an uninterrupted run does."""
+    two = ["--nproc", "2", "--set", "train.batch_size=128", "--set", "train.eval_every=4"]
+    straight = _train(prepared_taobao, tmp_path / "straight", two)
+    run = tmp_path / "killed"
+    killed = _run(prepared_taobao, run, two, kill_at="checkpoint-state-written:2")
+    assert killed.returncode != 0
+    assert not (run / "metrics.json").exists()
+    resumed = _train(prepared_taobao, run, [*two, "--resume"])
+    for split in ("valid", "test"):
+        assert resumed[split]["auc"] == straight[split]["auc"]
+        assert resumed[split]["logloss"] == straight[split]["logloss"]
+
+
+def test_a_user_mistake_with_two_processes_is_one_line(prepared_taobao, tmp_path):
+    result = _run(prepared_taobao, tmp_path / "run", ["--nproc", "2", "--set", "train.lr=-1"])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("longrec: error:")]
+    assert len(errors) == 1 and "train.lr" in errors[0], result.stderr[-3000:]

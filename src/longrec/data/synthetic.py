@@ -28,6 +28,7 @@ from longrec.data.synthetic_impressions import make_impressions
 from longrec.data.synthetic_world import DOMAINS, World, history_lengths, make_world
 from longrec.data.synthetic_write import ChunkWriter, summarize, write_tables
 from longrec.errors import UserError
+from longrec.faults import fault_point
 from longrec.outputs import check_replaceable, replace_dir, temp_path, write_marker, writer_lock
 
 FORMAT = "longrec-synth/1"
@@ -344,6 +345,7 @@ def _generate_locked(config: SynthConfig, out: Path, progress: bool) -> dict[str
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         write_marker(tmp, "synth")
+        fault_point("synth-before-rename")
         replace_dir(tmp, out)
     except BaseException:
         if writer is not None:

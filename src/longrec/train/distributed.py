@@ -9,7 +9,6 @@ averages gradients, and rank 0 alone validates, checkpoints and writes the run d
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import torch
@@ -82,17 +81,33 @@ def wrap(model: nn.Module) -> nn.Module:
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run `python -m longrec ARGV` under torch.distributed.run with `nproc` local processes."""
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "longrec",
-        *argv,
-    ]
-    return subprocess.call(cmd, env=env)
+    """Run `python -m longrec ARGV` in `nproc` local processes (torch.distributed's elastic
+    launcher, as `torchrun --standalone` does) and return their exit status.
+
+    A failed process makes the launcher stop the others and raise `ChildFailedError` with a
+    traceback of its own; the processes have already said what went wrong (a user mistake is
+    one line from rank 0), so that becomes the exit status, not a second report."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "longrec", *argv)
+    except ChildFailedError as failed:
+        codes = [f.exitcode for f in failed.failures.values()]
+        return next((c for c in codes if c > 0), 1)
+    return 0
