@@ -35,6 +35,8 @@ CONFIGS = {
     "full_mask_user": {"global_mask": "full", "user_token": True},
     "recent2_null": {"n_query": 2, "null_key": True},
     "no_self_layers": {"n_layers": 0, "merge_k": 2},
+    "no_shared_shift": {"shared_shift": False},
+    "no_shared_shift_inner_k1": {"shared_shift": False, "merge": "inner", "merge_k": 1},
 }
 
 
@@ -65,6 +67,19 @@ def _pair(schema, **params):
 def _with_targets(batch: Batch, items: torch.Tensor) -> Batch:
     cats = torch.where(items >= 2, 2 + items % 6, 0)
     return replace(batch, target={**batch.target, "item": items, "category": cats})
+
+
+def test_no_shared_shift_drops_every_per_token_constant(schema):
+    """shared_shift=False: no bias on the projections or Q/K/V, no shift in the merged-token
+    and attention LayerNorms (the FFN and output projection keep theirs)."""
+    model = _model(schema, shared_shift=False)
+    assert model.token_proj.bias is None and model.merge_proj.bias is None
+    assert model.merge_ln.bias is None
+    for block in model.blocks:
+        assert block.q.bias is None and block.kv_proj.bias is None and block.ln_attn.bias is None
+        assert block.out.bias is not None
+    with_shift = _model(schema)
+    assert with_shift.token_proj.bias is not None and with_shift.blocks[0].q.bias is not None
 
 
 # -- cache == reference ---------------------------------------------------------------------

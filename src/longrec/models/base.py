@@ -153,7 +153,7 @@ class SequenceModel(nn.Module, ABC):
 
 # widths and counts that no model can be built with at 0; other int parameters may be 0
 # (n_layers=0: no self-attention layers; type_dim=0: no target-type embedding; ...)
-_ZERO_ALLOWED = frozenset({"type_dim", "pos_dim", "attn_pos_dim"})
+_ZERO_ALLOWED = frozenset({"type_dim", "pos_dim", "attn_pos_dim", "time_dim"})
 _COUNTS = frozenset({"heads", "n_heads", "top_k", "soft_k", "hashes", "bits", "bits_per_hash"})
 
 

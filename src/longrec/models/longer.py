@@ -71,7 +71,12 @@ sum of its K slots, and every block as identity attention with a zero FFN output
 similarity to it; `qk_norm` scores temperature x cosine per head (learned temperature,
 initially `temperature`), bounded whatever the weights do; `head_interest` gives the head the
 candidate token x_t, what it gathered (h = its final state - x_t, the sum of its blocks'
-residual updates) and h ⊙ x_t: DIN's target x interest product. Tables, the position table,
+residual updates) and h ⊙ x_t: DIN's target x interest product. `shared_shift=False` drops every
+vector that is added to all tokens alike (the projections' biases, the merged-token and
+attention LayerNorms' shifts, the Q/K/V biases): on MovieLens they grew under Adam until the
+merged tokens were mostly one common vector (mean pairwise cosine 0.78 after training) and
+the candidate's attention could not tell behaviours apart (docs/models.md, "Why the
+end-to-end models did not learn"). Off by default: measured on one seed only. Tables, the position table,
 the user table and the head are N(0, `init_std`) as DARE. Dropout defaults to 0.
 
 Cost (B requests, M targets, L' = ceil(L/K), k = min(n_query, L')): the shared part is
@@ -151,6 +156,9 @@ class LongerParams:
     temperature: float = 4.0  # QK-norm's initial temperature
     attn_init: str = "identity"  # identity (starts as similarity attention) | default [INFER]
     head_interest: bool = True  # head also sees the candidate x_t, its gathered h and h ⊙ x_t
+    # biases of the token/merge projections, shift of the merged-token and attention
+    # LayerNorms, biases of Q/K/V: one vector added to every token; False drops them [INFER]
+    shared_shift: bool = True
     hidden: tuple[int, ...] = (200, 80)
     type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01
@@ -200,16 +208,17 @@ class LongerModel(SequenceModel):
         dm = p.merged_dim or d
         self.d, self.dm = d, dm
         token_in = p.embed_dim * (len(self.fields) + len(self.side_fields)) + max(p.time_dim, 0)
-        self.token_proj = nn.Linear(token_in, d)  # concat(fields, side, time) -> d
+        shift = p.shared_shift
+        self.token_proj = nn.Linear(token_in, d, bias=shift)  # concat(fields, side, time) -> d
         self.inner = self.slot_pos = None
         if p.merge == "inner":
             self.slot_pos = nn.Parameter(torch.zeros(k, d))
             self.inner = PreLNBlock(d, p.inner_heads, 4 * d, p.dropout)
         pool_in = d if (p.merge == "inner" and p.inner_pool == "mean") else k * d
-        self.merge_proj = nn.Linear(pool_in, dm)
+        self.merge_proj = nn.Linear(pool_in, dm, bias=shift)
         # LayerNorm after the merge: small-init tables give merged tokens far below the blocks'
         # LayerNorm eps, and a position embedding of that size would drown their content
-        self.merge_ln = nn.LayerNorm(dm)
+        self.merge_ln = nn.LayerNorm(dm, bias=shift)
         self.max_groups = math.ceil(max_pos / k)
         self.pos = nn.Embedding(self.max_groups + 1, dm, sparse=sparse_embeddings)
         self.cls = nn.Parameter(torch.zeros(dm))
@@ -225,7 +234,7 @@ class LongerModel(SequenceModel):
         ffn = p.ffn_dim or 4 * dm
         temperature = p.temperature if p.qk_norm else None
         self.blocks = nn.ModuleList(
-            PreLNBlock(dm, p.heads, ffn, p.dropout, p.null_key, temperature)
+            PreLNBlock(dm, p.heads, ffn, p.dropout, p.null_key, temperature, shift)
             for _ in range(1 + p.n_layers)
         )
         self.final_ln = nn.LayerNorm(dm)
@@ -248,11 +257,13 @@ class LongerModel(SequenceModel):
         the identity when d' = d, else one orthogonal map shared by the slots), and every
         block starts as identity attention with a zero FFN (`PreLNBlock.identity_init`)."""
         nn.init.orthogonal_(self.token_proj.weight)
-        nn.init.zeros_(self.token_proj.bias)
+        if self.token_proj.bias is not None:
+            nn.init.zeros_(self.token_proj.bias)
         slot = torch.empty(self.dm, self.merge_proj.weight.shape[1] // self.params.merge_k)
         nn.init.orthogonal_(slot) if self.dm != slot.shape[1] else nn.init.eye_(slot)
         self.merge_proj.weight.copy_(slot.repeat(1, self.params.merge_k))
-        nn.init.zeros_(self.merge_proj.bias)
+        if self.merge_proj.bias is not None:
+            nn.init.zeros_(self.merge_proj.bias)
         for block in self.blocks:
             block.identity_init()
 
@@ -347,10 +358,17 @@ class LongerModel(SequenceModel):
         """[B, L, d]: projection of concat(item fields, side fields, time-gap embedding),
         computed per field on the batch's distinct rows (a Linear of a concat is the sum of
         per-field Linears), zero on padding."""
-        out = self.token_proj.bias
+        out = self._bias(self.token_proj)
         for rows, inverse, vmask, block in self._field_rows(batch):
             out = out + HistoryField(rows @ block.T, inverse, vmask).dense()
         return out * batch.history_mask.unsqueeze(-1).to(out.dtype)
+
+    @staticmethod
+    def _bias(lin: nn.Linear) -> Tensor:
+        """A projection's bias, zeros without one (`shared_shift=False`)."""
+        if lin.bias is not None:
+            return lin.bias
+        return lin.weight.new_zeros(lin.weight.shape[0])
 
     def _merge(self, x: Tensor, slots: Tensor) -> Tensor:
         """Groups of K behaviour tokens [N, G, K, d] (slots [N, G, K] True = real, padded
@@ -371,8 +389,8 @@ class LongerModel(SequenceModel):
         w = self.merge_proj.weight.view(self.dm, k, self.d)  # W_s = w[:, s]
         slot_of = torch.arange(g * k, device=slots.device) % k  # padded position -> slot
         real = slots.reshape(b, g * k).to(w.dtype)
-        bias = torch.einsum("msd,d->sm", w, self.token_proj.bias)  # [K, d']: W_s b
-        out = self.merge_proj.bias + slots.to(w.dtype) @ bias
+        bias = torch.einsum("msd,d->sm", w, self._bias(self.token_proj))  # [K, d']: W_s b
+        out = self._bias(self.merge_proj) + slots.to(w.dtype) @ bias
         for rows, inverse, vmask, block in self._field_rows(batch):
             per_slot = torch.einsum("ue,de,msd->usm", rows, block, w)  # [U, K, d']
             pad = (b, extra, *inverse.shape[2:])
@@ -428,7 +446,7 @@ class LongerModel(SequenceModel):
         the merged sequence tokens [INFER]."""
         p = self.params
         weight = self.token_proj.weight
-        token = self.token_proj.bias
+        token = self._bias(self.token_proj)
         for i, e in enumerate(self.items.target(batch).fields):
             token = token + e @ weight[:, i * p.embed_dim : (i + 1) * p.embed_dim].T
         if self.time is not None:

@@ -110,6 +110,12 @@ class PreLNBlock(nn.Module):
     `temperature` (QK-norm): each head's query and key are scaled to unit length and the score
     is a learned per-head temperature (initialised to this value) times their cosine, so no
     weight growth can saturate the softmax. Keys are normalised in `kv`, so cached keys are too.
+
+    `shared_shift=False`: the attention LayerNorm has no shift and the query/key/value
+    projections no bias. A shift or bias is one vector added to every token's query, key or
+    value; Adam grows it by ~lr per step whatever its gradient, and once it dominates, every
+    key points the same way, the cosine scores of QK-norm no longer tell tokens apart and the
+    attention goes uniform (docs/models.md, "Why the end-to-end models did not learn").
     """
 
     def __init__(
@@ -120,14 +126,16 @@ class PreLNBlock(nn.Module):
         dropout: float = 0.0,
         null_key: bool = False,
         temperature: float | None = None,
+        shared_shift: bool = True,
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads, self.dropout, self.null_key = heads, dropout, null_key
-        self.ln_attn, self.ln_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.kv_proj = nn.Linear(dim, 2 * dim)
+        self.ln_attn = nn.LayerNorm(dim, bias=shared_shift)
+        self.ln_ffn = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=shared_shift)
+        self.kv_proj = nn.Linear(dim, 2 * dim, bias=shared_shift)
         self.out = nn.Linear(dim, dim)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.drop = nn.Dropout(dropout)
@@ -142,11 +150,12 @@ class PreLNBlock(nn.Module):
         similarity attention over its normalised inputs, added to the residual stream."""
         d = self.q.weight.shape[0]
         with torch.no_grad():
-            for lin in (self.q, self.out):
-                nn.init.eye_(lin.weight)
-                nn.init.zeros_(lin.bias)
-            self.kv_proj.weight.copy_(torch.eye(d).repeat(2, 1))
-            nn.init.zeros_(self.kv_proj.bias)
+            for lin in (self.q, self.out, self.kv_proj):
+                nn.init.eye_(lin.weight[:d])
+                if lin is self.kv_proj:
+                    nn.init.eye_(lin.weight[d:])
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
             last = self.ffn.net[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
