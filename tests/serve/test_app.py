@@ -3,16 +3,12 @@ Taobao sample: scores equal the offline model's, bad input never gives a 500."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
+from longrec.bench.serve import Server
 from longrec.config import resolve
 from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
@@ -24,12 +20,6 @@ from longrec.serve.ranker import Ranker, RankerConfig
 from longrec.train.loop import Trainer
 
 TOKEN = "s3cret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +38,12 @@ def served(prepared_taobao, tmp_path_factory):
     load_history(prepared_taobao, store)
     ranker = Ranker.from_run(root / "run", history=store, config=RankerConfig(max_candidates=50))
     app = create_app(ranker, token=TOKEN, max_body_bytes=64 * 1024, docs=True)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(f"{base}/healthz", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
-    yield {"client": client, "ranker": ranker, "dataset": ds, "base": base}
-    client.close()
-    server.should_exit = True
-    thread.join(timeout=10)
+    with Server(app) as base:
+        client = httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+        )
+        yield {"client": client, "ranker": ranker, "dataset": ds, "base": base}
+        client.close()
 
 
 def _offline_scores(

@@ -39,9 +39,11 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, ranker: Ranker):
+    """An ASGI app served by uvicorn on a free 127.0.0.1 port in a background thread, for the
+    span of a `with` block; entering waits until it answers HTTP."""
+
+    def __init__(self, app):
         self.port = _free_port()
-        app = create_app(ranker, max_body_bytes=8 << 20)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
         )
@@ -52,7 +54,7 @@ class Server:
         base = f"http://127.0.0.1:{self.port}"
         for _ in range(400):
             try:
-                httpx.get(f"{base}/healthz", timeout=1)
+                httpx.get(f"{base}/healthz", timeout=1)  # any answer, even a 404, will do
                 return base
             except httpx.HTTPError:
                 time.sleep(0.05)
@@ -160,7 +162,7 @@ def bench_serve(
                 )
                 store = open_history(history_url, list(ds.fields.values()))
                 ranker = Ranker.from_run(run, history=store, config=config)
-                with Server(ranker) as base:
+                with Server(create_app(ranker, max_body_bytes=8 << 20)) as base:
                     for m in candidates:
                         for c in concurrency:
                             who = users if cache == "cold" else users[:1]
