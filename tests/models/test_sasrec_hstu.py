@@ -343,6 +343,13 @@ def test_hstu_bad_parameters_raise(params):
 
 
 # == SASRec ===============================================================================
+def _sasrec(schema, head="mlp", **params):
+    """The dot head scores the user vector alone: the target read-out needs the MLP head."""
+    return _model(
+        "sasrec", schema, head=head, **({"readout": "last"} if head == "dot" else {}), **params
+    )
+
+
 def test_sasrec_is_td_sasrec_without_decoupling():
     model = _model("sasrec", make_schema())
     assert type(model) is TdSasrecModel and model.registered_name == "sasrec"
@@ -354,7 +361,7 @@ def test_sasrec_is_td_sasrec_without_decoupling():
 @pytest.mark.parametrize("head", ["mlp", "dot"])
 def test_sasrec_user_vector_ignores_targets(head):
     schema = make_schema()
-    model = _model("sasrec", schema, head=head).eval()
+    model = _sasrec(schema, head).eval()
     batch = tiny_batch(schema)
     with torch.no_grad():
         state = model.encode_user(batch)
@@ -383,7 +390,7 @@ def test_sasrec_is_causal():
 @pytest.mark.parametrize("head", ["mlp", "dot"])
 def test_sasrec_padding_never_leaks(head):
     schema = make_schema(genres=True)
-    model = _model("sasrec", schema, head=head, init_std=0.2).eval()
+    model = _sasrec(schema, head, init_std=0.2).eval()
     batch = tiny_batch(schema)
     with torch.no_grad():
         logits = model(batch)
@@ -397,7 +404,7 @@ def test_sasrec_padding_never_leaks(head):
 @pytest.mark.parametrize("head", ["mlp", "dot"])
 def test_sasrec_heads(head):
     schema = make_schema()
-    model = _model("sasrec", schema, head=head, init_std=0.2)
+    model = _sasrec(schema, head, init_std=0.2)
     batch = tiny_batch(schema)
     logits = _train_step(model, batch)
     assert logits.shape == batch.target_mask.shape and torch.isfinite(logits).all()
@@ -413,4 +420,5 @@ def test_sasrec_heads(head):
         torch.testing.assert_close(logits, expect, atol=1e-6, rtol=0)
         assert model.head is None
     else:
-        assert model.bias is None and model.head.net[0].num_features == 3 * model.dim
+        # [u, v, u ⊙ v] and the target read-out [r, r ⊙ v]
+        assert model.bias is None and model.head.net[0].num_features == 5 * model.dim

@@ -227,6 +227,9 @@ OPTIONS = [
     {"encoder_init": "default", "ffn_dim": 8, "n_layers": 1, "n_heads": 4, "dropout": 0.1},
     {"target_pos": False, "dedup": True},
     {"n_layers": 0},
+    {"decouple": "none", "readout": "tokens"},
+    {"decouple": "none", "readout": "encoded"},
+    {"decouple": "query", "readout": "tokens", "n_layers": 1},
 ]
 
 
@@ -279,6 +282,9 @@ def test_sparse_embeddings_work_with_sparse_adam():
         {"encoder_init": "x"},
         {"n_heads": 5},
         {"head": "dot", "type_in_head": True},
+        {"readout": "x"},
+        {"readout": "tokens", "decouple": "position"},
+        {"readout": "encoded", "decouple": "none", "head": "dot"},
     ],
 )
 def test_bad_parameters_raise(params):

@@ -38,7 +38,7 @@ from __future__ import annotations
 from longrec.models.registry import register_variant
 from longrec.models.td_sasrec import TdSasrecModel
 
-SASREC_PRESET = {"decouple": "none", "target_pos": False, "n_heads": 1}
+SASREC_PRESET = {"decouple": "none", "target_pos": False, "n_heads": 1, "readout": "tokens"}
 
 register_variant(
     "sasrec",

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register
-from longrec.nn.attention import MultiHeadTargetAttention
+from longrec.nn.attention import DinScore, MultiHeadTargetAttention, masked_softmax
 from longrec.nn.embedding import FieldEmbedding, init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
 from longrec.nn.temporal import relative_positions
@@ -73,6 +73,7 @@ from longrec.nn.temporal import relative_positions
 DECOUPLE = ("position", "query", "none")
 HEADS = ("mlp", "dot")
 NORMS = ("pre", "post")
+READOUTS = ("last", "tokens", "encoded")
 TYPE_TABLES = ("delta", "separate")
 TYPE_FIELD = "target_type"
 
@@ -100,6 +101,10 @@ class TdSasrecParams:
     # attention uniform and stuck).
     encoder_init: str = "normal"
     dedup: bool = False  # look each distinct id of a batch up once
+    # last: the user vector alone (the paper) | tokens / encoded: the head also gets r, a DIN
+    # attention of the target over the behaviour tokens (embeddings) / over every encoded
+    # position, and r ⊙ v_t [INFER] (docs/models.md)
+    readout: str = "last"
 
 
 class TypeTable(nn.Module):
@@ -217,9 +222,15 @@ class TdSasrecModel(SequenceModel):
             (p.head, HEADS, "head"),
             (p.norm, NORMS, "norm"),
             (p.encoder_init, ("default", "normal"), "encoder_init"),
+            (p.readout, READOUTS, "readout"),
         ):
             if value not in allowed:
                 raise ValueError(f"{what} must be one of {allowed}, got '{value}'")
+        if p.readout != "last" and (p.head != "mlp" or p.decouple == "position"):
+            raise ValueError(
+                f"readout='{p.readout}' needs head='mlp' and one encoding (decouple none or "
+                "query); readout='last' scores the user vector alone"
+            )
         if p.type_in_head and p.head != "mlp":
             raise ValueError("type_in_head needs head='mlp' (the dot head has no feature input)")
         self.fields = list(p.fields) if p.fields else schema.shared_item_fields()
@@ -257,8 +268,10 @@ class TdSasrecModel(SequenceModel):
         self.query_block = (
             QueryBlock(d, p.n_heads, ffn, p.dropout, p.norm) if p.decouple == "query" else None
         )
+        self.readout = DinScore(d) if p.readout != "last" else None
         if p.head == "mlp":
             in_dim = 3 * d + (d if self.type_embed is not None else 0)
+            in_dim += 2 * d if self.readout is not None else 0
             self.head = MLPHead(in_dim, p.hidden)
             self.bias = None
         else:
@@ -273,8 +286,14 @@ class TdSasrecModel(SequenceModel):
 
     # -- contract -------------------------------------------------------------------------
     def encode_user(self, batch: Batch) -> UserState:
-        """Per-type user vectors [B, T, d]: nothing here reads the targets."""
-        return {"user": self.user_vectors(batch)}
+        """Per-type user vectors [B, T, d]: nothing here reads the targets; with the target
+        read-out also the encoded sequence [B, L, d] and its mask, which the targets attend."""
+        if self.readout is None:
+            return {"user": self.user_vectors(batch)}
+        seq = self.hidden_states(batch, last_only=False)[:, 0]  # [B, L, d]
+        mask = batch.history_mask[:, -seq.shape[1] :]
+        keys = self._tokens(batch)[0] if self.params.readout == "tokens" else seq
+        return {"user": self.user_vectors(batch, seq), "seq": keys, "seq_mask": mask}
 
     def score(self, state: UserState, batch: Batch) -> Tensor:
         rows = self.type_rows(batch)  # [B, M]
@@ -292,6 +311,11 @@ class TdSasrecModel(SequenceModel):
         parts = [u, v, u * v]
         if self.type_embed is not None:
             parts.append(self.type_embed(rows))
+        if self.readout is not None:
+            seq = state["seq"].to(v.dtype)
+            weights = masked_softmax(self.readout(v, seq), state["seq_mask"].unsqueeze(1))
+            r = weights @ seq  # [B, M, d]
+            parts += [r, r * v]
         return self.head(torch.cat(parts, dim=-1), batch.target_mask)
 
     # -- pieces ---------------------------------------------------------------------------
@@ -343,10 +367,14 @@ class TdSasrecModel(SequenceModel):
             h = self.final_ln(h)
         return h.view(b, t, h.shape[1], d)
 
-    def user_vectors(self, batch: Batch) -> Tensor:
+    def user_vectors(self, batch: Batch, seq: Tensor | None = None) -> Tensor:
+        """[B, T, d]; `seq`: the encoded sequence [B, L, d] when already computed."""
         if self.query_block is None:  # position / none: the last position's hidden state
+            if seq is not None:
+                return seq[:, -1:]
             return self.hidden_states(batch, last_only=True)[:, :, -1]
-        seq = self.hidden_states(batch, last_only=False)[:, 0]  # [B, L, d]
+        if seq is None:
+            seq = self.hidden_states(batch, last_only=False)[:, 0]  # [B, L, d]
         mask = batch.history_mask[:, -seq.shape[1] :]
         queries = self.queries.all_types(torch.zeros(1, dtype=torch.long, device=seq.device))
         queries = queries[:, 0].to(seq.dtype).unsqueeze(0).expand(seq.shape[0], -1, -1)
