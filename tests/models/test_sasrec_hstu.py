@@ -26,6 +26,7 @@ from longrec.models.hstu import (
     time_bucket_boundaries,
 )
 from longrec.models.td_sasrec import TdSasrecModel
+from longrec.nn.attention import masked_softmax
 from longrec.nn.temporal import log_buckets
 
 ATOL = 1e-5
@@ -156,6 +157,11 @@ def naive_hstu(model, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if p.head_interest:  # [final, x_t, h, h ⊙ x_t], h = what the target gathered
             gathered = x[:, -1] - target_token
             final = torch.cat((final, target_token, gathered, gathered * target_token), dim=-1)
+        if model.readout is not None:  # [r, r ⊙ x_t]: the target's attention over the tokens
+            tokens = model.embed(hist, model.fields) * hmask.unsqueeze(-1)
+            scores = model.readout(target_token.unsqueeze(1), tokens)  # [B, 1, L]
+            r = (masked_softmax(scores, hmask) @ tokens)[:, 0]
+            final = torch.cat((final, r, r * target_token), dim=-1)
         out = model.head.net(final).squeeze(-1)
         logits[:, m] = torch.where(batch.target_mask[:, m], out, 0.0)
     return logits, history_rows
@@ -176,6 +182,7 @@ HSTU_CASES = [
     {"rab": "position", "n_heads": 4, "qk_dim": 3, "v_dim": 5, "exact_positions": 4},
     {"rab": "none", "n_layers": 1},
     {"max_len": 6, "pos_buckets": 8, "time_buckets": 12, "init_std": 0.3},
+    {"readout": "none", "rab": "none", "n_layers": 1},
 ]
 
 
@@ -191,6 +198,20 @@ def test_hstu_cached_scoring_equals_full_sequence(params):
         naive, _ = naive_hstu(model, batch)
     torch.testing.assert_close(cached, naive, atol=ATOL, rtol=1e-4)
     assert cached.abs().max() > 1e-3  # not trivially zero
+
+
+def test_hstu_target_readout_is_cached_padding_free_and_reads_the_history():
+    schema = make_schema()
+    model = _model("hstu", schema, init_std=0.2, readout="tokens")
+    _train_step(model, tiny_batch(schema))
+    model.eval()
+    batch = tiny_batch(schema, seed=2)
+    with torch.no_grad():
+        direct = model(batch)
+        torch.testing.assert_close(direct, model.score(model.encode_user(batch), batch))
+        torch.testing.assert_close(direct, model(left_pad(batch, 40)), atol=ATOL, rtol=0)
+    assert model.head.net[0].num_features == 6 * model.dim  # [out, x_t, h, h ⊙ x_t, r, r ⊙ x_t]
+    assert torch.isfinite(direct).all() and (direct[~batch.target_mask] == 0).all()
 
 
 def test_hstu_history_never_sees_the_targets():
@@ -335,7 +356,14 @@ def test_hstu_sparse_embeddings_work_with_sparse_adam():
 
 @pytest.mark.parametrize(
     "params",
-    [{"rab": "x"}, {"attn_norm": "x"}, {"n_heads": 5}, {"n_layers": 0}, {"time_base": 1.0}],
+    [
+        {"rab": "x"},
+        {"attn_norm": "x"},
+        {"n_heads": 5},
+        {"n_layers": 0},
+        {"time_base": 1.0},
+        {"readout": "x"},
+    ],
 )
 def test_hstu_bad_parameters_raise(params):
     with pytest.raises(UserError):

@@ -75,6 +75,7 @@ from torch import Tensor, nn
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register
+from longrec.nn.attention import DinScore, masked_softmax
 from longrec.nn.embedding import FieldEmbedding, init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
 from longrec.nn.temporal import log_buckets, relative_positions
@@ -106,6 +107,9 @@ class HstuParams:
     micro_batch: int = 0  # eval: score the targets in chunks of this size (0 = all at once)
     dedup: bool = False  # look each distinct id of a batch up once
     head_interest: bool = True  # head also sees x_t, its gathered h and h ⊙ x_t [INFER]
+    # none | tokens: the head also gets r, a DIN attention of the target over the behaviour
+    # embeddings, and r ⊙ x_t, as SASRec's read-out [INFER] (docs/models.md)
+    readout: str = "tokens"
     attn_init: str = "identity"  # identity (f_1's Q, K, V blocks = I) | default [INFER]
 
 
@@ -287,6 +291,7 @@ class HstuModel(SequenceModel):
             (p.rab, RABS, "rab"),
             (p.attn_norm, ATTN_NORMS, "attn_norm"),
             (p.attn_init, ATTN_INITS, "attn_init"),
+            (p.readout, ("none", "tokens"), "readout"),
         ):
             if value not in allowed:
                 raise ValueError(f"{what} must be one of {allowed}, got '{value}'")
@@ -317,7 +322,8 @@ class HstuModel(SequenceModel):
         if p.rab != "none":
             self.rab = RelativeBias(p.rab, p.n_layers, p.n_heads, p, sparse_embeddings)
         self.final_ln = nn.LayerNorm(d)
-        head_in = d * (4 if p.head_interest else 1)
+        self.readout = DinScore(d) if p.readout == "tokens" else None
+        head_in = d * (4 if p.head_interest else 1) + (2 * d if self.readout is not None else 0)
         self.head = MLPHead(head_in, p.hidden, **schema.head_types(p.type_dim))
         for part in (self.embed, self.rab, self.head):
             if part is not None:
@@ -332,6 +338,7 @@ class HstuModel(SequenceModel):
         """The user KV cache: every layer's history keys and values [B, layers, h, L, d_h]
         (history tokens are causal and never see a target), the mask and the timestamps."""
         x, mask, ts = self._history(batch)
+        tokens = x
         length = x.shape[1]
         ids = tables = None
         if self.rab is not None:
@@ -355,7 +362,10 @@ class HstuModel(SequenceModel):
                 x = layer.output(x, u, av)
             keys.append(k)
             values.append(v)
-        return {"k": torch.stack(keys, 1), "v": torch.stack(values, 1), "mask": mask, "ts": ts}
+        state = {"k": torch.stack(keys, 1), "v": torch.stack(values, 1), "mask": mask, "ts": ts}
+        if self.readout is not None:
+            state["tokens"] = tokens
+        return state
 
     def score(self, state: UserState, batch: Batch) -> Tensor:
         chunk = self.params.micro_batch
@@ -410,6 +420,10 @@ class HstuModel(SequenceModel):
         if self.params.head_interest:  # what the target gathered: the sum of its layer updates
             gathered = x - x_t
             out = torch.cat((out, x_t, gathered, gathered * x_t), dim=-1)
+        if self.readout is not None:
+            tokens = state["tokens"].to(x_t.dtype)
+            r = masked_softmax(self.readout(x_t, tokens), mask) @ tokens  # [B, M, d]
+            out = torch.cat((out, r, r * x_t), dim=-1)
         return self.head(out, batch.target_mask, batch.target_type)
 
 
