@@ -290,10 +290,10 @@ class TdSasrecModel(SequenceModel):
         read-out also the encoded sequence [B, L, d] and its mask, which the targets attend."""
         if self.readout is None:
             return {"user": self.user_vectors(batch)}
-        seq = self.hidden_states(batch, last_only=False)[:, 0]  # [B, L, d]
-        mask = batch.history_mask[:, -seq.shape[1] :]
-        keys = self._tokens(batch)[0] if self.params.readout == "tokens" else seq
-        return {"user": self.user_vectors(batch, seq), "seq": keys, "seq_mask": mask}
+        tokens = self._tokens(batch)  # looked up once: the encoder's input and the keys
+        seq = self.hidden_states(batch, last_only=False, tokens=tokens)[:, 0]  # [B, L, d]
+        keys = tokens[0] if self.params.readout == "tokens" else seq
+        return {"user": self.user_vectors(batch, seq), "seq": keys, "seq_mask": tokens[1]}
 
     def score(self, state: UserState, batch: Batch) -> Tensor:
         rows = self.type_rows(batch)  # [B, M]
@@ -349,10 +349,13 @@ class TdSasrecModel(SequenceModel):
         bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
         return bias.masked_fill_(~allowed, float("-inf"))
 
-    def hidden_states(self, batch: Batch, last_only: bool = True) -> Tensor:
+    def hidden_states(
+        self, batch: Batch, last_only: bool = True, tokens: tuple | None = None
+    ) -> Tensor:
         """Encoder output [B, T', L', d] (T' = position-decoupled types, else 1; L' = 1 with
-        `last_only`, else every position). Position i never reads positions after i or padding."""
-        x, mask, positions = self._tokens(batch)
+        `last_only`, else every position). Position i never reads positions after i or padding.
+        `tokens`: `_tokens(batch)` when the caller already has it."""
+        x, mask, positions = tokens or self._tokens(batch)
         b, length, d = x.shape
         pos = self.pos.all_types(positions).to(x.dtype)  # [T', L, d]
         t = pos.shape[0]
