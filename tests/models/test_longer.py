@@ -37,6 +37,9 @@ CONFIGS = {
     "no_self_layers": {"n_layers": 0, "merge_k": 2},
     "no_shared_shift": {"shared_shift": False},
     "no_shared_shift_inner_k1": {"shared_shift": False, "merge": "inner", "merge_k": 1},
+    "readout_tokens": {"readout": "tokens"},
+    "readout_tokens_full_user": {"readout": "tokens", "global_mask": "full", "user_token": True},
+    "readout_both": {"readout": "tokens", "readout_score": "both"},
 }
 
 
@@ -95,7 +98,7 @@ def test_cached_equals_uncached(name, schema, batch):
         torch.testing.assert_close(cached(longer), reference(longer), **TOL)
 
 
-@pytest.mark.parametrize("name", ["concat_k4", "full_mask_user"])
+@pytest.mark.parametrize("name", ["concat_k4", "full_mask_user", "readout_tokens", "readout_both"])
 def test_cached_and_uncached_gradients_agree(name, schema, batch):
     """Training runs the cached path: its gradients must be the reference's."""
     # real users (>= 2): the padding user's all-zero token makes LayerNorm and QK-norm
@@ -110,7 +113,7 @@ def test_cached_and_uncached_gradients_agree(name, schema, batch):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n, grad in grads[0].items():  # float32 sums in another order: tolerance ~ |grad|
-        atol = 1e-5 * max(1.0, grad.abs().max().item())
+        atol = 3e-5 * max(1.0, grad.abs().max().item())
         torch.testing.assert_close(grad, grads[1][n], atol=atol, rtol=1e-4)
 
 
@@ -188,7 +191,9 @@ def test_folded_concat_merge_equals_concat_of_tokens(k, schema, batch):
         torch.testing.assert_close(tokens, plain + model.pos(positions), **TOL)
 
 
-@pytest.mark.parametrize("name", ["concat_k4", "inner_k4", "inner_mean_k8_user", "recent2_null"])
+@pytest.mark.parametrize(
+    "name", ["concat_k4", "inner_k4", "inner_mean_k8_user", "recent2_null", "readout_tokens"]
+)
 def test_extra_left_padding_changes_nothing(name, schema, batch):
     model = _model(schema, **CONFIGS[name]).eval()
     with torch.no_grad():

@@ -159,9 +159,14 @@ def naive_hstu(model, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
             final = torch.cat((final, target_token, gathered, gathered * target_token), dim=-1)
         if model.readout is not None:  # [r, r ⊙ x_t]: the target's attention over the tokens
             tokens = model.embed(hist, model.fields) * hmask.unsqueeze(-1)
-            scores = model.readout(target_token.unsqueeze(1), tokens)  # [B, 1, L]
-            r = (masked_softmax(scores, hmask) @ tokens)[:, 0]
-            final = torch.cat((final, r, r * target_token), dim=-1)
+            query = target_token.unsqueeze(1)
+            if model.readout.din is not None:
+                scores = model.readout.din(query, tokens)  # [B, 1, L]
+                r = (masked_softmax(scores, hmask) @ tokens)[:, 0]
+                final = torch.cat((final, r, r * target_token), dim=-1)
+            if model.readout.cosine is not None:  # nn.cross_attention's own tests cover it
+                r = model.readout.cosine(query, tokens, hmask)[:, 0]
+                final = torch.cat((final, r, r * target_token), dim=-1)
         out = model.head.net(final).squeeze(-1)
         logits[:, m] = torch.where(batch.target_mask[:, m], out, 0.0)
     return logits, history_rows
@@ -183,6 +188,8 @@ HSTU_CASES = [
     {"rab": "none", "n_layers": 1},
     {"max_len": 6, "pos_buckets": 8, "time_buckets": 12, "init_std": 0.3},
     {"readout": "none", "rab": "none", "n_layers": 1},
+    {"readout_score": "cosine"},
+    {"readout_score": "both"},
 ]
 
 

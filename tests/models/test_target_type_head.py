@@ -102,3 +102,23 @@ def test_a_type_only_label_is_learnt_with_the_embedding_only(name, typed, helper
         for type_dim in (8, 0)
     }
     assert aucs[8] > 0.95 and aucs[0] < 0.65, aucs
+
+
+def test_stca_type_query_lets_the_type_steer_the_attention(typed):
+    """`type_query`: zero at init (the model is STCA with the time gap), then the target's type
+    changes which behaviours it attends to, not only the head."""
+    schema, batch = typed
+    model = _model("stca", schema, time_delta=True, type_query=True)
+    plain = _model("stca", schema, time_delta=True)
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("type_query")}
+    )
+    two, three = _with_types(batch, 2), _with_types(batch, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(two), plain(two), atol=0, rtol=0)
+        torch.testing.assert_close(model.search_scores(two), model.search_scores(three))
+        model.type_query.weight.normal_()
+        model.time.weight.normal_()
+        a, b = model.search_scores(two), model.search_scores(three)
+    assert (a - b).abs().max() > 1e-2
+    assert _model("stca", schema, type_query=True).type_query is None  # needs the time gap

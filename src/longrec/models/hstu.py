@@ -75,9 +75,9 @@ from torch import Tensor, nn
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register
-from longrec.nn.attention import DinScore, masked_softmax
 from longrec.nn.embedding import FieldEmbedding, init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
+from longrec.nn.readout import TargetReadout
 from longrec.nn.temporal import log_buckets, relative_positions
 
 RABS = ("both", "position", "time", "none")
@@ -110,6 +110,7 @@ class HstuParams:
     # none | tokens: the head also gets r, a DIN attention of the target over the behaviour
     # embeddings, and r ⊙ x_t, as SASRec's read-out [INFER] (docs/models.md)
     readout: str = "tokens"
+    readout_score: str = "din"  # din (DIN's MLP) | cosine (temperature 4 x cosine) [INFER]
     attn_init: str = "identity"  # identity (f_1's Q, K, V blocks = I) | default [INFER]
 
 
@@ -322,8 +323,8 @@ class HstuModel(SequenceModel):
         if p.rab != "none":
             self.rab = RelativeBias(p.rab, p.n_layers, p.n_heads, p, sparse_embeddings)
         self.final_ln = nn.LayerNorm(d)
-        self.readout = DinScore(d) if p.readout == "tokens" else None
-        head_in = d * (4 if p.head_interest else 1) + (2 * d if self.readout is not None else 0)
+        self.readout = TargetReadout(d, p.readout_score) if p.readout == "tokens" else None
+        head_in = d * (4 if p.head_interest else 1) + (self.readout.width if self.readout else 0)
         self.head = MLPHead(head_in, p.hidden, **schema.head_types(p.type_dim))
         for part in (self.embed, self.rab, self.head):
             if part is not None:
@@ -421,9 +422,7 @@ class HstuModel(SequenceModel):
             gathered = x - x_t
             out = torch.cat((out, x_t, gathered, gathered * x_t), dim=-1)
         if self.readout is not None:
-            tokens = state["tokens"].to(x_t.dtype)
-            r = masked_softmax(self.readout(x_t, tokens), mask) @ tokens  # [B, M, d]
-            out = torch.cat((out, r, r * x_t), dim=-1)
+            out = torch.cat((out, self.readout(x_t, state["tokens"], mask)), dim=-1)
         return self.head(out, batch.target_mask, batch.target_type)
 
 

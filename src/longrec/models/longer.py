@@ -79,6 +79,14 @@ the candidate's attention could not tell behaviours apart (docs/models.md, "Why 
 end-to-end models did not learn"). Off by default: measured on one seed only. Tables, the position table,
 the user table and the head are N(0, `init_std`) as DARE. Dropout defaults to 0.
 
+Target read-out [INFER] (`readout="tokens"`, default; `nn/readout.py`): the head also gets
+the candidate's attention over the history's item-field embeddings, unmerged and
+unprojected, as [r, r ⊙ x_t], with both a DIN scorer and a cosine scorer
+(`readout_score="both"`). Merged tokens mix four behaviours and every token shares the
+blocks' shifts, so the hybrid attention alone stayed near chance on MovieLens; the read-out
+reads the history where it is still item-specific (docs/models.md, "Why the end-to-end
+models did not learn"). `readout="none"` is the paper's read-out of the global tokens only.
+
 Cost (B requests, M targets, L' = ceil(L/K), k = min(n_query, L')): the shared part is
 O(B (L d^2 + k L' d' + n_layers k^2 d')) once per request; the per-target part is
 O(B M (n_layers + 1) (L' + k) d') for the candidate's attention, linear in L'.
@@ -99,6 +107,7 @@ from longrec.models.registry import register
 from longrec.models.towers import EmbeddingSet, HistoryField, dedup
 from longrec.nn.embedding import init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
+from longrec.nn.readout import TargetReadout
 from longrec.nn.temporal import log_buckets, relative_positions
 from longrec.nn.transformer import PreLNBlock
 
@@ -128,6 +137,7 @@ class _BagSum(torch.autograd.Function):
 INNER_POOLS = ("flatten", "mean")
 ATTN_INITS = ("identity", "default")
 GLOBAL_MASKS = ("causal", "full")
+READOUTS = ("none", "tokens")
 
 
 @dataclass
@@ -159,6 +169,10 @@ class LongerParams:
     # biases of the token/merge projections, shift of the merged-token and attention
     # LayerNorms, biases of Q/K/V: one vector added to every token; False drops them [INFER]
     shared_shift: bool = True
+    # none | tokens: the head also gets an attention of the candidate over the unmerged
+    # item-field embeddings of the history, r and r ⊙ x_t (nn/readout.py) [INFER]
+    readout: str = "tokens"
+    readout_score: str = "both"  # din (DIN's MLP) | cosine (temperature x cosine) | both
     hidden: tuple[int, ...] = (200, 80)
     type_dim: int = 8  # target-type embedding into the head when the data has types; 0 = off
     init_std: float = 0.01
@@ -179,6 +193,7 @@ class LongerModel(SequenceModel):
             (p.inner_pool, INNER_POOLS, "inner_pool"),
             (p.global_mask, GLOBAL_MASKS, "global_mask"),
             (p.attn_init, ATTN_INITS, "attn_init"),
+            (p.readout, READOUTS, "readout"),
         ):
             if value not in allowed:
                 raise ValueError(f"{what} must be one of {allowed}, got '{value}'")
@@ -239,6 +254,10 @@ class LongerModel(SequenceModel):
         )
         self.final_ln = nn.LayerNorm(dm)
         head_in = (self.n_global + (3 if p.head_interest else 0)) * dm
+        self.readout = None
+        if p.readout == "tokens":
+            self.readout = TargetReadout(self.items.sem_dim, p.readout_score, p.temperature)
+            head_in += self.readout.width
         self.head = MLPHead(head_in, p.hidden, **schema.head_types(p.type_dim))
         for part in (self.items, self.side, self.time, self.pos, self.user, self.head):
             if part is not None:
@@ -277,6 +296,8 @@ class LongerModel(SequenceModel):
         state: UserState = {"tokens": tokens, "valid": valid}
         if self.user is not None:
             state["user"] = self.user_ln(self.user(batch.user))
+        if self.readout is not None:
+            state["items"], state["items_valid"] = self._item_embeddings(batch), batch.history_mask
         if not self.params.cache:
             return state
         shared = self._shared_globals(state, tokens)  # [B, gs, d'] (CLS, user) or [B, 0, d']
@@ -317,7 +338,7 @@ class LongerModel(SequenceModel):
             )
         shared = state["globals"]
         final = torch.cat((x, shared.unsqueeze(1).expand(-1, x.shape[1], -1, -1)), dim=2)
-        return self._head(final, own[:, :, 0], batch)
+        return self._head(final, own[:, :, 0], state, batch)
 
     @property
     def user_state_uses_request_time(self) -> bool:
@@ -535,16 +556,30 @@ class LongerModel(SequenceModel):
         for block in self.blocks[1:]:
             keys, values = block.kv(x)
             x = block(x, keys, values, mask)
-        return self._head(x[:, :g].reshape(b, m, g, dm), glob[:, 0].view(b, m, dm), batch)
+        return self._head(x[:, :g].reshape(b, m, g, dm), glob[:, 0].view(b, m, dm), state, batch)
 
-    def _head(self, final: Tensor, candidate: Tensor, batch: Batch) -> Tensor:
+    def _item_embeddings(self, batch: Batch) -> Tensor:
+        """[B, L, e * fields] the history's item-field embeddings, unmerged and unprojected:
+        what the read-out attends over (zero on padding)."""
+        distinct = {
+            f: dedup(batch.history[f], self.items.tables[f].num_embeddings) for f in self.fields
+        }
+        dense = self.items.history(batch, distinct).dense()
+        return dense * batch.history_mask.unsqueeze(-1).to(dense.dtype)
+
+    def _head(self, final: Tensor, candidate: Tensor, state: UserState, batch: Batch) -> Tensor:
         """Global tokens [B, M, g, d'] (order candidate, CLS, user) and the candidate's input
         token [B, M, d'] -> logits [B, M]. With `head_interest` the head also sees x_t, what
         the candidate gathered from the history (h = its final state - x_t, the sum of its
-        blocks' residual updates) and h ⊙ x_t: DIN's target-interest product [INFER]."""
+        blocks' residual updates) and h ⊙ x_t: DIN's target-interest product [INFER]. With
+        `readout="tokens"` also r, a DIN attention of the target's item fields over the
+        history's (never merged), and r ⊙ target [INFER]."""
         parts = [self.final_ln(final).flatten(-2)]
         if self.params.head_interest:
             gathered = final[:, :, 0] - candidate
             parts += [candidate, gathered, gathered * candidate]
+        if self.readout is not None:
+            target = self.items.target(batch).joined().to(final.dtype)  # [B, M, e * fields]
+            parts.append(self.readout(target, state["items"], state["items_valid"]))
         head_in = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         return self.head(head_in, batch.target_mask, batch.target_type)

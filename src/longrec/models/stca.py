@@ -47,6 +47,11 @@ The model therefore starts as similarity search over the embeddings and keeps th
   (the targets of one request share it), so the history transform still depends on no target,
   only on the request's time. A cached user state (serving) is then valid for one request time
   only: with `time_delta` the cache key must include it.
+* Type-aware recency (`type_query`, with `time_delta` on data with target types) [INFER]: the
+  target's time slot is e_time(0) + e_type(type) instead of e_time(0), so its score against a
+  behaviour gains a learned e_type · e_time(gap) term: a purchase can prefer old behaviours
+  while a click prefers recent ones. The type otherwise enters only the head, after the
+  attention has already chosen what to read. Zero at init.
 * History transform: one token-wise stack shared by all layers; `history_per_layer` gives each
   layer its own stack on X (the other reading of the paper).
 * No positional bias anywhere in the attention (what makes length extrapolation benign): order
@@ -112,6 +117,9 @@ class StcaParams:
     attn_init: str = "identity"  # identity (W_Q = W_K = W_V = W_O = I, W_C picks x_t) | default
     time_delta: bool = False  # request-time − behaviour-time bucket embedding in the tokens
     time_buckets: int = 64  # log2 buckets of the gap in seconds (bucket 0 = the target)
+    # with time_delta and typed targets: the target's time slot also holds an embedding of its
+    # type, so its attention can prefer recent behaviours for one type and old ones for another
+    type_query: bool = False
     token_norm: bool = False  # LayerNorm on the tokens
     kernel: str = "auto"  # auto (cheaper per call) | reassociated (K, V never built) | plain
     checkpoint: bool = False  # recompute the history transform in backward (saves memory)
@@ -161,6 +169,10 @@ class StcaModel(SequenceModel):
             else None
         )
         in_dim = self.tables.sem_dim + (p.embed_dim if p.time_delta else 0)
+        self.type_query = None
+        if p.type_query and p.time_delta and schema.n_target_types > 0:
+            # the head's type ids; starts at zero, so the model starts as without it
+            self.type_query = nn.Embedding(schema.n_target_types, p.embed_dim)
         d = self.dim = p.dim or in_dim
         if d % p.heads:
             raise ValueError(f"token width {d} is not divisible by heads={p.heads}")
@@ -196,6 +208,8 @@ class StcaModel(SequenceModel):
         init_normal(self.tables, p.init_std)
         if self.time is not None:
             nn.init.normal_(self.time.weight, std=p.init_std)
+        if self.type_query is not None:
+            nn.init.zeros_(self.type_query.weight)
         with torch.no_grad():
             if self.proj is not None:
                 nn.init.orthogonal_(self.proj.weight)  # keeps the embeddings' inner products
@@ -306,7 +320,12 @@ class StcaModel(SequenceModel):
         parts = self.tables.target(batch).fields
         if self.time is not None:
             zero = torch.zeros(batch.target_mask.shape, dtype=torch.long, device=parts[0].device)
-            parts = [*parts, self.time(zero)]
+            slot = self.time(zero)
+            if self.type_query is not None and batch.target_type is not None:
+                slot = slot + self.type_query(
+                    batch.target_type.long().clamp(0, self.type_query.num_embeddings - 1)
+                )
+            parts = [*parts, slot]
         x = torch.cat(parts, dim=-1)
         return self.token_norm(x if self.proj is None else self.proj(x))
 

@@ -65,9 +65,10 @@ from torch import Tensor, nn
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register
-from longrec.nn.attention import DinScore, MultiHeadTargetAttention, masked_softmax
+from longrec.nn.attention import MultiHeadTargetAttention
 from longrec.nn.embedding import FieldEmbedding, init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
+from longrec.nn.readout import TargetReadout
 from longrec.nn.temporal import relative_positions
 
 DECOUPLE = ("position", "query", "none")
@@ -105,6 +106,7 @@ class TdSasrecParams:
     # attention of the target over the behaviour tokens (embeddings) / over every encoded
     # position, and r ⊙ v_t [INFER] (docs/models.md)
     readout: str = "last"
+    readout_score: str = "din"  # din (DIN's MLP) | cosine (temperature 4 x cosine) [INFER]
 
 
 class TypeTable(nn.Module):
@@ -268,10 +270,10 @@ class TdSasrecModel(SequenceModel):
         self.query_block = (
             QueryBlock(d, p.n_heads, ffn, p.dropout, p.norm) if p.decouple == "query" else None
         )
-        self.readout = DinScore(d) if p.readout != "last" else None
+        self.readout = TargetReadout(d, p.readout_score) if p.readout != "last" else None
         if p.head == "mlp":
             in_dim = 3 * d + (d if self.type_embed is not None else 0)
-            in_dim += 2 * d if self.readout is not None else 0
+            in_dim += self.readout.width if self.readout is not None else 0
             self.head = MLPHead(in_dim, p.hidden)
             self.bias = None
         else:
@@ -312,10 +314,7 @@ class TdSasrecModel(SequenceModel):
         if self.type_embed is not None:
             parts.append(self.type_embed(rows))
         if self.readout is not None:
-            seq = state["seq"].to(v.dtype)
-            weights = masked_softmax(self.readout(v, seq), state["seq_mask"].unsqueeze(1))
-            r = weights @ seq  # [B, M, d]
-            parts += [r, r * v]
+            parts.append(self.readout(v, state["seq"], state["seq_mask"]))
         return self.head(torch.cat(parts, dim=-1), batch.target_mask)
 
     # -- pieces ---------------------------------------------------------------------------
