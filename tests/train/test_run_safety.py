@@ -22,6 +22,7 @@ SETS = [
     "train.batch_size=256",
     "train.threads=1",
     "train.progress=false",
+    "train.precision=fp32",  # what train.precision=auto picks depends on the CPU
     "data.prefetch=0",
     "model.embed_dim=8",
 ]
@@ -70,6 +71,23 @@ def test_sigkill_between_writes_resumes_exactly(prepared_taobao, tmp_path, strai
     assert resumed.returncode == 0, resumed.stderr
     assert _metrics(run) == straight
     assert len(list(run.glob("last*.safetensors"))) == 1
+
+
+def test_a_run_configured_with_the_old_bf16_flag_resumes_exactly(
+    prepared_taobao, tmp_path, straight
+):
+    """config.yaml of runs from before train.device / train.precision: `train.bf16: false`."""
+    run = tmp_path / "run"
+    assert _train(prepared_taobao, run, kill_at="checkpoint-state-written:2").returncode == -9
+    body = yaml.safe_load((run / rd.CONFIG).read_text())
+    assert body["train"].pop("precision") == "fp32" and body["train"].pop("device") == "auto"
+    body["train"]["bf16"] = False
+    (run / rd.CONFIG).write_text(yaml.safe_dump(body, sort_keys=False))
+    resumed = _train(prepared_taobao, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(run) == straight
+    assert yaml.safe_load((run / rd.CONFIG).read_text())["train"]["precision"] == "fp32"
+    assert "train: device cpu (auto), precision fp32 (set)" in resumed.stderr
 
 
 def test_a_torn_or_corrupted_checkpoint_is_refused(prepared_taobao, tmp_path):
