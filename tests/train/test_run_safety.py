@@ -15,6 +15,7 @@ from longrec.config import resolve
 from longrec.errors import UserError
 from longrec.train import run_dir as rd
 from longrec.train.compare import run_compare
+from longrec.train.resume import differences
 
 SETS = [
     "train.max_steps=30",
@@ -123,6 +124,20 @@ def test_resume_refuses_a_different_run_and_applies_a_longer_schedule(prepared_t
     assert {"resume_changes": {"train.max_steps": [30, 40]}} in log
     r = _train(prepared_taobao, run, "--resume", "--overwrite")
     assert r.returncode == 2 and "either --resume" in r.stderr
+
+
+def test_an_old_runs_precision_matches_auto_where_auto_picks_the_same(monkeypatch):
+    """Runs configured with `train.bf16: false` (fp32) are reused and resumed under today's
+    default `auto` where auto computes in fp32, and refused where it would pick bf16."""
+    from longrec import runtime
+
+    old, today = resolve(None, ["train.bf16=false"]), resolve(None, ["train.device=cpu"])
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(runtime, "CPU_BF16_AUTO", False)
+    assert differences(old, today) == ({}, {"train.device": ("auto", "cpu")})  # may change
+    monkeypatch.setattr(runtime, "CPU_BF16_AUTO", True)
+    assert differences(old, today)[0] == {"train.precision": ("fp32", "auto")}
+    assert differences(resolve(None, ["train.bf16=true"]), today)[0] == {}
 
 
 def test_compare_refuses_to_reuse_a_run_with_other_settings(prepared_taobao, tmp_path):
