@@ -100,6 +100,9 @@ def test_server_options_are_checked_before_anything_loads(run_cli, tmp_path):
         (["--port", "70000"], "is not a TCP port"),
         (["--cache-mb", "-5"], "--cache-mb -5 must be at least 0"),
         (["--max-candidates", "0"], "--max-candidates 0 must be at least 1"),
+        (["--precision", "fp16"], "--precision = 'fp16': expected auto, fp32, bf16"),
+        (["--bf16", "--precision", "fp32"], "--bf16 contradicts --precision fp32"),
+        (["--device", "tpu"], "--device = 'tpu': expected auto, cpu, cuda or cuda:N"),
     ):
         r = run_cli("serve", "--run", tmp_path, "--history", f"lmdb://{tmp_path}/h", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
