@@ -28,6 +28,10 @@ from longrec.models.base import DataSchema
         ("train.grad_clip=-1", "train.grad_clip"),
         ("data.max_len=0", "data.max_len"),
         ("data.eval_batch_size=0", "data.eval_batch_size"),
+        ("train.device=gpu", "train.device = 'gpu': expected auto, cpu, cuda or cuda:N"),
+        ("train.device=cuda:x", "train.device"),
+        ("train.precision=fp16", "train.precision = 'fp16': expected auto, fp32, bf16"),
+        ("train.bf16=1", "train.bf16 = 1 is not a bool"),
     ],
 )
 def test_settings_no_run_can_use_are_refused(setting, named):
@@ -96,6 +100,9 @@ def test_server_options_are_checked_before_anything_loads(run_cli, tmp_path):
         (["--port", "70000"], "is not a TCP port"),
         (["--cache-mb", "-5"], "--cache-mb -5 must be at least 0"),
         (["--max-candidates", "0"], "--max-candidates 0 must be at least 1"),
+        (["--precision", "fp16"], "--precision = 'fp16': expected auto, fp32, bf16"),
+        (["--bf16", "--precision", "fp32"], "--bf16 contradicts --precision fp32"),
+        (["--device", "tpu"], "--device = 'tpu': expected auto, cpu, cuda or cuda:N"),
     ):
         r = run_cli("serve", "--run", tmp_path, "--history", f"lmdb://{tmp_path}/h", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -125,3 +132,14 @@ def test_eval_beyond_what_the_model_reads_says_so(prepared_taobao, tmp_path, run
     assert r.returncode == 0 and "reads at most its 50 most recent behaviours" in r.stderr
     r = run_cli("eval", "--run", run, "--max-len", "0")
     assert r.returncode == 2 and "--max-len 0 must be at least 1" in r.stderr
+    r = run_cli("eval", "--run", run, "--device", "cuda:99")
+    assert r.returncode == 2 and "--device = cuda:99: " in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_gpu_this_machine_lacks_is_one_line(prepared_taobao, tmp_path, run_cli):
+    r = run_cli("train", "--data", prepared_taobao, "--model", "din", "--out", tmp_path / "run",
+                "--set", "train.device=cuda:99")  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "train.device = cuda:99: " in r.stderr and "available: cpu" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -60,7 +60,12 @@ class TrainConfig:
     grad_clip: float | None = None  # global-norm clipping, sparse table grads included (TIN: 5)
     schedule: str = "constant"  # "constant" | "cosine" | "linear"
     warmup_steps: int = 0
-    bf16: bool = False  # autocast to bfloat16 (AMX on Sapphire Rapids); off until shown equal
+    # auto | cpu | cuda | cuda:N; auto: the GPU when CUDA is available, else the CPU
+    device: str = "auto"
+    # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware computes it natively (CUDA
+    # sm80+; on CPUs with AMX / AVX-512 BF16 only once runtime.CPU_BF16_AUTO allows), else fp32.
+    # The run's log.jsonl and its first stderr line say what auto chose (longrec/runtime.py)
+    precision: str = "auto"
     compile: str = "none"  # "none" | "dense": torch.compile the dense stacks (train/compile.py)
     loss_reduction: str = "mean"  # "mean" over targets | "per_user": mean per request, then mean
     eval_every: int = 150  # validate every N steps (DARE: 150)
@@ -102,8 +107,28 @@ class RunConfig:
         return cls(
             data=_build(DataConfig, d.get("data", {}), "data"),
             model=_build(ModelConfig, d.get("model", {}), "model"),
-            train=_build(TrainConfig, d.get("train", {}), "train"),
+            train=_build(TrainConfig, _legacy_bf16(d.get("train", {})), "train"),
         )
+
+
+def _legacy_bf16(values: dict) -> dict:
+    """`train.bf16: true/false` (run configs written before train.precision) as the precision
+    it meant, so that such runs still load, resume and compare."""
+    if not isinstance(values, dict) or "bf16" not in values:
+        return values
+    values = dict(values)
+    flag = values.pop("bf16")
+    if not isinstance(flag, bool):
+        raise UserError(
+            f"config: train.bf16 = {flag!r} is not a bool (train.precision replaces it)"
+        )
+    meant = "bf16" if flag else "fp32"
+    if values.get("precision", "auto") not in ("auto", meant):
+        raise UserError(
+            f"config: train.bf16 = {flag} contradicts train.precision = {values['precision']!r}"
+        )
+    values["precision"] = meant
+    return values
 
 
 def _build(kind, values: dict, section: str):
@@ -164,9 +189,13 @@ def resolve(config_file: str | Path | None, overrides: list[str], **direct: Any)
 
 def build_config(raw: dict) -> RunConfig:
     """A RunConfig from a full config dict, every field's type and range checked."""
+    from longrec.runtime import check_device, check_precision
+
     cfg = RunConfig.from_dict(raw)
     _check_types(cfg)
     _check_ranges(cfg)
+    check_device(cfg.train.device, "config: train.device")
+    check_precision(cfg.train.precision, "config: train.precision")
     return cfg
 
 

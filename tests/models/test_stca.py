@@ -212,7 +212,7 @@ def test_bf16_autocast_is_close_to_fp32(schema, helpers):
             bf16 = model(batch)
     assert torch.isfinite(bf16).all()
     torch.testing.assert_close(bf16.float(), fp32, atol=0.01, rtol=0.02)
-    # and it trains under autocast (the trainer's train.bf16)
+    # and it trains under autocast (the trainer's train.precision=bf16)
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = model.forward_train(batch)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longrec.nn import row_kernels
+from longrec.nn import row_kernels, search_attention
 
 CASES = [  # (distinct rows U, batch B, history L, targets M, width d)
     (50, 3, 7, 1, 5),
@@ -100,6 +100,10 @@ def test_only_cpu_float32_is_applicable():
     assert row_kernels.applicable(x)
     assert not row_kernels.applicable(x.bfloat16())
     assert not row_kernels.applicable(x.double())
+    # a tensor on another device (meta stands in for a GPU): the PyTorch path
+    elsewhere = torch.zeros(3, 4, device="meta")
+    assert not row_kernels.applicable(x, elsewhere)
+    assert not search_attention.applicable(x, elsewhere)
 
 
 def test_bad_shapes_are_refused_with_a_message():

@@ -13,6 +13,7 @@ from longrec.config import resolve
 from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
 from longrec.data.vocab import load_vocab
+from longrec.runtime import resolve_precision
 from longrec.serve.app import create_app
 from longrec.serve.history import open_history
 from longrec.serve.load_history import load_history
@@ -42,7 +43,7 @@ def served(prepared_taobao, tmp_path_factory):
         client = httpx.Client(
             base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
         )
-        yield {"client": client, "ranker": ranker, "dataset": ds, "base": base}
+        yield {"client": client, "ranker": ranker, "dataset": ds, "base": base, "run": root / "run"}
         client.close()
 
 
@@ -189,6 +190,36 @@ def test_bearer_token_is_required(served):
     r = httpx.post(f"{served['base']}/v1/rank", json={"user": "1", "candidates": ["1"]})
     assert r.status_code == 401
     assert httpx.get(f"{served['base']}/healthz").status_code == 200
+
+
+def test_health_says_where_and_in_which_precision_it_scores(served):
+    health = served["client"].get("/healthz").json()
+    assert health["device"] == "cpu" and health["precision"] == "fp32"  # the served default
+    assert health["bf16"] is False
+
+
+def test_precision_bf16_scores_within_tolerance_or_is_dropped(served):
+    ds, run, store = served["dataset"], served["run"], served["ranker"].history
+    users = [u for u, i in load_vocab(ds.root, "user").items() if i >= 2][:3]
+    items = [k for k, v in load_vocab(ds.root, "item").items() if v >= 2][:30]
+    now = int(ds.store.ts[-1]) + 60
+
+    def ranker(**options) -> Ranker:
+        config = RankerConfig(micro_batch=1, cache_bytes=0, device="cpu", **options)
+        return Ranker.from_run(run, history=store, config=config)
+
+    fp32, bf16 = ranker(precision="fp32"), ranker(precision="bf16")
+    assert not fp32.bf16 and bf16.bf16 and bf16.runtime.precision == "bf16"
+    assert 0 < bf16.bf16_max_error <= 0.01
+    for user in users:
+        low, ref = bf16.rank(user, items, now), fp32.rank(user, items, now)
+        np.testing.assert_allclose(low, ref, atol=0.02)
+        assert low != ref  # really scored in bf16
+    strict = ranker(precision="bf16", bf16_tolerance=0.0)  # calibration error above tolerance
+    assert strict.runtime.precision == "bf16" and not strict.bf16
+    assert strict.rank(users[0], items, now) == fp32.rank(users[0], items, now)
+    auto = ranker(precision="auto")
+    assert auto.runtime.precision == resolve_precision("auto", torch.device("cpu"))[0]
 
 
 def test_metrics_are_prometheus_text(served):

@@ -15,6 +15,7 @@ from longrec.config import resolve
 from longrec.errors import UserError
 from longrec.train import run_dir as rd
 from longrec.train.compare import run_compare
+from longrec.train.resume import differences
 
 SETS = [
     "train.max_steps=30",
@@ -22,6 +23,7 @@ SETS = [
     "train.batch_size=256",
     "train.threads=1",
     "train.progress=false",
+    "train.precision=fp32",  # what train.precision=auto picks depends on the CPU
     "data.prefetch=0",
     "model.embed_dim=8",
 ]
@@ -72,6 +74,23 @@ def test_sigkill_between_writes_resumes_exactly(prepared_taobao, tmp_path, strai
     assert len(list(run.glob("last*.safetensors"))) == 1
 
 
+def test_a_run_configured_with_the_old_bf16_flag_resumes_exactly(
+    prepared_taobao, tmp_path, straight
+):
+    """config.yaml of runs from before train.device / train.precision: `train.bf16: false`."""
+    run = tmp_path / "run"
+    assert _train(prepared_taobao, run, kill_at="checkpoint-state-written:2").returncode == -9
+    body = yaml.safe_load((run / rd.CONFIG).read_text())
+    assert body["train"].pop("precision") == "fp32" and body["train"].pop("device") == "auto"
+    body["train"]["bf16"] = False
+    (run / rd.CONFIG).write_text(yaml.safe_dump(body, sort_keys=False))
+    resumed = _train(prepared_taobao, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(run) == straight
+    assert yaml.safe_load((run / rd.CONFIG).read_text())["train"]["precision"] == "fp32"
+    assert "train: device cpu (auto), precision fp32 (set)" in resumed.stderr
+
+
 def test_a_torn_or_corrupted_checkpoint_is_refused(prepared_taobao, tmp_path):
     run = tmp_path / "run"
     assert _train(prepared_taobao, run, kill_at="checkpoint-state-written:2").returncode == -9
@@ -105,6 +124,20 @@ def test_resume_refuses_a_different_run_and_applies_a_longer_schedule(prepared_t
     assert {"resume_changes": {"train.max_steps": [30, 40]}} in log
     r = _train(prepared_taobao, run, "--resume", "--overwrite")
     assert r.returncode == 2 and "either --resume" in r.stderr
+
+
+def test_an_old_runs_precision_matches_auto_where_auto_picks_the_same(monkeypatch):
+    """Runs configured with `train.bf16: false` (fp32) are reused and resumed under today's
+    default `auto` where auto computes in fp32, and refused where it would pick bf16."""
+    from longrec import runtime
+
+    old, today = resolve(None, ["train.bf16=false"]), resolve(None, ["train.device=cpu"])
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(runtime, "CPU_BF16_AUTO", False)
+    assert differences(old, today) == ({}, {"train.device": ("auto", "cpu")})  # may change
+    monkeypatch.setattr(runtime, "CPU_BF16_AUTO", True)
+    assert differences(old, today)[0] == {"train.precision": ("fp32", "auto")}
+    assert differences(resolve(None, ["train.bf16=true"]), today)[0] == {}
 
 
 def test_compare_refuses_to_reuse_a_run_with_other_settings(prepared_taobao, tmp_path):

@@ -36,12 +36,15 @@ def test_dare_learns_on_real_taobao(prepared_taobao, tmp_path):
     assert state["step"] == metrics["train"]["steps"]
 
 
-@pytest.mark.parametrize("embed_optimizer", ["adam", "rowwise_adam", "rowwise_adagrad"])
-def test_resume_gives_identical_metrics(prepared_taobao, tmp_path, embed_optimizer):
+@pytest.mark.parametrize(
+    ("embed_optimizer", "precision"),
+    [("adam", "auto"), ("rowwise_adam", "auto"), ("rowwise_adagrad", "auto"), ("adam", "bf16")],
+)
+def test_resume_gives_identical_metrics(prepared_taobao, tmp_path, embed_optimizer, precision):
     """Also with the row-wise optimiser: its sparse table gradients and lazy moments must come
-    back from state.pt exactly."""
+    back from state.pt exactly; and under bf16 autocast."""
     extra = ["train.max_steps=30", "train.eval_every=10", "model.embed_dim=8", "model.pos_dim=8"]
-    extra.append(f"train.embed_optimizer={embed_optimizer}")
+    extra += [f"train.embed_optimizer={embed_optimizer}", f"train.precision={precision}"]
     straight = Trainer(_cfg(prepared_taobao, extra=extra), tmp_path / "a").fit()
 
     class Interrupt(Exception):
@@ -64,15 +67,34 @@ def test_resume_gives_identical_metrics(prepared_taobao, tmp_path, embed_optimiz
     assert resumed["train"]["steps"] == straight["train"]["steps"] == 30
 
 
-def test_loaded_run_scores_like_the_trained_model(prepared_taobao, tmp_path):
-    trainer = Trainer(_cfg(prepared_taobao, "twin", ["train.max_steps=5"]), tmp_path / "r")
-    trainer.fit()
-    model, _, _ = load_run(tmp_path / "r")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    ("device", "precision"),
+    [("cpu", "auto"), ("cpu", "bf16"), pytest.param("cuda", "auto", marks=CUDA)],
+)
+def test_loaded_run_scores_like_the_trained_model(prepared_taobao, tmp_path, device, precision):
+    """On the chosen device and precision end to end; the run records what they resolved to."""
+    sets = ["train.max_steps=5", f"train.device={device}", f"train.precision={precision}"]
+    trainer = Trainer(_cfg(prepared_taobao, "twin", sets), tmp_path / "r")
+    metrics = trainer.fit()
+    rt = trainer.runtime
+    assert rt.device.type == device and next(trainer.model.parameters()).device == rt.device
+    if precision != "auto":
+        assert rt.precision == precision
+    assert metrics["train"]["device"] == str(rt.device)
+    assert metrics["train"]["precision"] == rt.precision
+    assert 0.0 < metrics["test"]["auc"] < 1.0 and np.isfinite(metrics["test"]["logloss"])
+    log = [json.loads(line) for line in (tmp_path / "r" / rd.LOG).read_text().splitlines()]
+    assert {"step": 0, **rt.record()} in log
+    model, _, _ = load_run(tmp_path / "r", device=rt.device)
     from longrec.data.loader import BatchLoader, LoaderConfig
 
     batch = next(
         iter(BatchLoader(trainer.dataset, "test", LoaderConfig(batch_size=64, layout="request")))
     )
+    batch = rt.put(batch)
     trainer.model.eval()
     with torch.no_grad():
         assert torch.allclose(model(batch), trainer.model(batch))

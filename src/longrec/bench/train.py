@@ -39,24 +39,30 @@ def bench_train(
     ]
     cfg = resolve(None, sets, data__path=str(data), model__name=model)
     trainer = Trainer(cfg, run_dir or Path("/tmp/longrec-bench-train"))
+    rt = trainer.runtime
     chunks = trainer.loader.batch_requests(0)
     need = warmup + steps
-    batches = [trainer.loader.make_batch(chunks[i % len(chunks)]) for i in range(need)]
+    # already on the device: the figure is the model's, not the host-to-device copies'
+    batches = [rt.put(trainer.loader.make_batch(chunks[i % len(chunks)])) for i in range(need)]
     for b in batches[:warmup]:
         trainer._step(b, 0)
+    rt.synchronize()
     t0 = time.perf_counter()
     samples = 0
     for b in batches[warmup:]:
         trainer._step(b, 0)
         samples += int(b.target_mask.sum())
+    rt.synchronize()
     train_s = time.perf_counter() - t0
     model_ = trainer.model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+    with torch.no_grad(), rt.autocast():
         for b in batches[:warmup]:
             model_(b)
+        rt.synchronize()
         t0 = time.perf_counter()
         for b in batches[warmup:]:
             model_(b)
+        rt.synchronize()
         infer_s = time.perf_counter() - t0
     hist = sum(int(b.history_mask.sum()) for b in batches[warmup:])
     profiled = None
@@ -71,6 +77,8 @@ def bench_train(
         "steps": steps,
         "overrides": overrides or [],
         "threads": torch.get_num_threads(),
+        "device": str(rt.device),
+        "precision": rt.precision,
         "train_samples_per_s": round(samples / train_s),
         "infer_samples_per_s": round(samples / infer_s),
         "train_ms_per_step": round(1000 * train_s / steps, 2),

@@ -36,7 +36,14 @@ def serve_command(
     max_candidates: Annotated[int, typer.Option(help="candidates per request")] = 1000,
     max_body_bytes: Annotated[int, typer.Option(help="request body limit")] = 1 << 20,
     cache_mb: Annotated[int, typer.Option(help="user-state cache bound")] = 512,
-    bf16: Annotated[bool, typer.Option(help="bf16 scoring if within tolerance")] = False,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: the GPU if there is one)")
+    ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(help="auto | fp32 | bf16 (bf16 kept only within tolerance of fp32)"),
+    ] = "auto",
+    bf16: Annotated[bool, typer.Option(help="the same as --precision bf16")] = False,
     micro_batch: Annotated[
         int, typer.Option(help="concurrent requests run as one forward pass (1 = off)")
     ] = 8,
@@ -58,6 +65,7 @@ def serve_command(
         raise UserError("longrec serve needs --run and --history (see longrec serve --help)")
     import uvicorn
 
+    from longrec.runtime import check_precision, resolve_device
     from longrec.serve.app import create_app
     from longrec.serve.ranker import Ranker, RankerConfig
 
@@ -73,11 +81,18 @@ def serve_command(
     ):
         if value is not None and value < low:
             raise UserError(f"{name} {value} must be at least {low}")
+    if bf16:
+        if precision not in ("auto", "bf16"):
+            raise UserError(f"--bf16 contradicts --precision {precision}")
+        precision = "bf16"
+    check_precision(precision, "--precision")
+    resolve_device(device, "--device")
     config = RankerConfig(
         max_len=max_len,
         max_candidates=max_candidates,
         cache_bytes=cache_mb << 20,
-        bf16=bf16,
+        device=device,
+        precision=precision,
         micro_batch=micro_batch,
         micro_batch_wait_ms=micro_batch_wait_ms,
     )

@@ -116,17 +116,22 @@ def eval_command(
         int | None, typer.Option(help="history length at evaluation (e.g. train 1K, serve 10K)")
     ] = None,
     retrieval: Annotated[bool, typer.Option(help="also NDCG@k of the search stage")] = False,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: the GPU if there is one)")
+    ] = "auto",
 ) -> None:
     import sys
 
     from longrec.data.dataset import PreparedDataset
     from longrec.errors import UserError
-    from longrec.train.evaluate import evaluate_split
+    from longrec.runtime import resolve_device
+    from longrec.train.evaluate import evaluate_split, model_runtime
     from longrec.train.run_dir import load_run
 
     if max_len is not None and max_len < 1:
         raise UserError(f"--max-len {max_len} must be at least 1")
-    model, cfg, schema = load_run(run)
+    where = resolve_device(device, "--device")
+    model, cfg, schema = load_run(run, device=where)
     if data is not None:
         cfg.data.path = str(data)
     if max_len is not None:
@@ -140,8 +145,10 @@ def eval_command(
             f"it was built); --max-len {max_len:,} gives it no more",
             file=sys.stderr,
         )
-    metrics = evaluate_split(model, dataset, split, cfg)
+    rt = model_runtime(model, cfg)
+    metrics = evaluate_split(model, dataset, split, cfg, rt)
     out = {"run": str(run), "split": split, "max_len": cfg.data.max_len, **metrics}
+    out.update(device=str(rt.device), precision=rt.precision)
     if retrieval:
         from longrec.train.retrieval import retrieval_ndcg
 

@@ -48,6 +48,8 @@ class LoaderConfig:
     bucket_window: int = 50  # batches per sorting window
     token_store: str | None = None  # IAT: attach each request's earlier instance tokens
     max_tokens: int = 256
+    # page-locked batches (in the prefetch thread): copies to a GPU overlap the step; CUDA only
+    pin_memory: bool = False
     order: str = (
         "shuffle"  # shuffle | user_time (users shuffled, each user's requests in time order)
     )
@@ -264,6 +266,8 @@ class BatchLoader:
         chunks = self.batch_requests(epoch)[start_batch:]
         caps = self.caps(epoch)
         batches = (self.make_batch(r, None if caps is None else caps[r]) for r in chunks)
+        if self.cfg.pin_memory:
+            batches = (b.pin_memory() for b in batches)
         depth = self.cfg.prefetch
         if depth is None:
             depth = default_prefetch(self.cfg.world_size)

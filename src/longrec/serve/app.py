@@ -253,6 +253,8 @@ def create_app(
             "status": "ok",
             "model": ranker.run_cfg.model.name,
             "max_len": ranker.max_len,
+            "device": str(ranker.runtime.device),
+            "precision": "bf16" if ranker.bf16 else "fp32",
             "bf16": ranker.bf16,
         }
 

@@ -7,7 +7,9 @@ in an LRU bounded by bytes, and scores all candidates of the request together
 empty history and are still scored. Concurrent requests are micro-batched (`micro_batch`, on by
 default): one worker thread encodes the users of all queued requests in one forward instead of
 many threads interleaving small forwards; with 16 concurrent clients on 2 cores that raised
-throughput 1.1-2.3x over HTTP and 2.4-7.4x in-process (BENCHMARKS.md).
+throughput 1.1-2.3x over HTTP and 2.4-7.4x in-process (BENCHMARKS.md). The model runs on
+`RankerConfig.device` (requests are built on the host and copied there) under its `precision`;
+bf16 is kept only if a calibration request scores within `bf16_tolerance` of fp32.
 
     ranker = Ranker.from_run("runs/dare", history="lmdb:///data/history")
     scores = ranker.rank("user-42", ["item-1", "item-7"])
@@ -31,6 +33,7 @@ from longrec.data.dataset import PreparedDataset
 from longrec.data.schema import UNSEEN
 from longrec.data.vocab import load_vocab
 from longrec.errors import UserError
+from longrec.runtime import Runtime, resolve_device
 from longrec.serve.batching import MicroBatcher, split_state
 from longrec.serve.request_batch import RequestBatches
 from longrec.train.run_dir import load_run
@@ -42,7 +45,10 @@ class RankerConfig:
     cache_bytes: int = 512 * 2**20  # LRU bound on cached user states
     max_candidates: int = 1000
     score_chunk: int = 1000  # candidates per score call
-    bf16: bool = False  # autocast scoring to bfloat16 if it stays within `bf16_tolerance`
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (longrec/runtime.py)
+    # auto | fp32 | bf16: bf16 (chosen, or what auto resolves to) scores under bfloat16
+    # autocast only if it stays within `bf16_tolerance` of fp32
+    precision: str = "auto"
     bf16_tolerance: float = 0.01  # max |p_bf16 - p_fp32| on a calibration request
     threads: int | None = None
     micro_batch: int = 8  # concurrent requests run as one forward (1 = off; see serve/batching)
@@ -148,8 +154,12 @@ class Ranker:
         history,
         config: RankerConfig | None = None,
     ):
-        self.model, self.run_cfg, self.schema = model.eval(), cfg_run, schema
         self.config = config or RankerConfig()
+        self.runtime = Runtime.resolve(
+            self.config.device, self.config.precision, ("--device", "--precision")
+        )
+        self.model = model.to(self.runtime.device).eval()
+        self.run_cfg, self.schema = cfg_run, schema
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.max_len = self.config.max_len or cfg_run.data.max_len
@@ -176,7 +186,7 @@ class Ranker:
             self.max_tokens = cfg_run.data.max_tokens
         self.cache = StateCache(self.config.cache_bytes)
         self._uses_time = bool(getattr(model, "user_state_uses_request_time", False))
-        self.bf16 = self.config.bf16 and self._bf16_within_tolerance()
+        self.bf16 = self.runtime.bf16 and self._bf16_within_tolerance()
         self.batcher = (
             MicroBatcher(
                 self._rank_many,
@@ -203,7 +213,8 @@ class Ranker:
         config: RankerConfig | None = None,
         create_history: bool = True,
     ) -> Ranker:
-        model, cfg, schema = load_run(run)
+        device = resolve_device((config or RankerConfig()).device, "--device")
+        model, cfg, schema = load_run(run, device=device)
         dataset = PreparedDataset(data or cfg.data.path)
         dataset.check_belongs(schema.fingerprint, schema.fields, str(run))
         if history is None or isinstance(history, str):
@@ -372,7 +383,8 @@ class Ranker:
                 for m, r in zip(misses, reqs, strict=True)
             ]
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        base = self.runtime.put(base)
+        with self.runtime.autocast(self.bf16):
             state = self.model.encode_user(base)
         if self.config.cache_bytes > 0:
             states = [state] if len(misses) == 1 else split_state(state, len(misses))
@@ -418,10 +430,10 @@ class Ranker:
                 now,
                 mask[:, part],
             )
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.model.score(state, batch)
+            with self.runtime.autocast(self.bf16):
+                logits = self.model.score(state, self.runtime.put(batch))
             probs.append(torch.sigmoid(logits.float()))
-        joined = torch.cat(probs, dim=1)
+        joined = torch.cat(probs, dim=1).cpu()
         score_ms = 1e3 * (time.perf_counter() - t0)
         out = []
         for row, (r, x) in enumerate(zip(requests, items, strict=True)):
@@ -448,9 +460,10 @@ class Ranker:
         batch = self.batches.with_targets(
             base, items, None, now, torch.ones(1, 64, dtype=torch.bool)
         )
+        batch = self.runtime.put(batch)
         with torch.no_grad():
             ref = torch.sigmoid(self.model(batch).float())
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with self.runtime.autocast(True):
                 low = torch.sigmoid(self.model(batch).float())
         self.bf16_max_error = float((ref - low).abs().max())
         return self.bf16_max_error <= self.config.bf16_tolerance

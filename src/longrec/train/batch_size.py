@@ -20,6 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from longrec.config import RunConfig
+from longrec.data.loader import rows_per_epoch
+
 MIN_STEPS = 300  # optimiser steps the auto batch aims for
 SMALLEST, LARGEST = 32, 2048
 FEW_STEPS = 50  # a set batch giving fewer steps than this gets a warning
@@ -94,3 +99,13 @@ def plan_batch(
     size = auto_batch_size(rows, epochs, max_steps) if batch_size is None else batch_size
     steps = planned_steps(rows, max(size, 1), epochs, max_steps)
     return BatchPlan(size, auto, rows, steps, epochs, max_steps, unit)
+
+
+def plan_run_batch(cfg: RunConfig, train: dict[str, np.ndarray], world_size: int) -> BatchPlan:
+    """The training batch of a run on the `train` split's columns, per process."""
+    layout, tc = cfg.data.layout, cfg.train
+    rows = rows_per_epoch(train, layout, world_size)
+    unit = ("requests" if layout == "request" else "samples") + (
+        " per process" if world_size > 1 else ""
+    )
+    return plan_batch(tc.batch_size, rows, tc.epochs, tc.max_steps, unit)

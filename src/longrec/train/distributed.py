@@ -1,5 +1,5 @@
-"""Data-parallel training across processes (torchrun / torch.distributed): gloo on CPU, NCCL
-on GPU. Every process trains on its shard of the requests (the loader splits by rank), DDP
+"""Data-parallel training across processes (torchrun / torch.distributed): gloo when
+`train.device` is the CPU, NCCL when it is CUDA (each process on its LOCAL_RANK's GPU). Every process trains on its shard of the requests (the loader splits by rank), DDP
 averages gradients, and rank 0 alone validates, checkpoints and writes the run directory.
 
     torchrun --standalone --nproc_per_node 2 -m longrec train --data D --model dare --out RUN
@@ -21,13 +21,17 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init() -> bool:
-    """Join the process group when started by torchrun with more than one process."""
+def init(device: torch.device | None = None) -> bool:
+    """Join the process group when started by torchrun with more than one process: NCCL for
+    a CUDA `device` (made this process's current GPU), gloo for the CPU."""
     _, size = world()
     if size <= 1:
         return False
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current GPU
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return True
 
 
@@ -52,7 +56,8 @@ def broadcast(obj):
 def all_sum(value: float) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if nccl else "cpu")
     dist.all_reduce(t)
     return float(t.item())
 
@@ -73,11 +78,15 @@ class TrainStep(nn.Module):
         return self.model.forward_train(batch)
 
 
-def wrap(model: nn.Module) -> nn.Module:
-    """The module to call for a training step: DDP around forward_train in a process group."""
+def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """The module to call for a training step: DDP around forward_train in a process group
+    (on a GPU, DDP's buckets live on `device`)."""
     if not dist.is_initialized():
         return TrainStep(model)
-    return nn.parallel.DistributedDataParallel(TrainStep(model), find_unused_parameters=True)
+    ids = [device] if device is not None and device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(
+        TrainStep(model), device_ids=ids, find_unused_parameters=True
+    )
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:

@@ -6,6 +6,9 @@ run_dir.save_checkpoint) is written at every evaluation and holds the optimiser 
 step, the position in the epoch and the RNG state; batches are a pure function of (seed, epoch, index) (see data/loader.py). A run interrupted at any point and
 restarted with `resume=True` redoes the steps since its last checkpoint and ends with the same
 metrics as an uninterrupted run (seeded, on CPU).
+
+The model, its optimiser state and every batch live on `train.device`; steps and evaluation
+run under `train.precision` (longrec/runtime.py resolves both, and the run's log records them).
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ from longrec.config import RunConfig
 from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
 from longrec.data.lengths import LengthSampling
-from longrec.data.loader import BatchLoader, LoaderConfig, rows_per_epoch
+from longrec.data.loader import BatchLoader, LoaderConfig
 from longrec.errors import UserError
 from longrec.faults import fault_point
 from longrec.models import build_model
 from longrec.models.base import DataSchema
 from longrec.outputs import write_marker
+from longrec.runtime import Runtime
 from longrec.train import distributed
 from longrec.train import run_dir as rd
-from longrec.train.batch_size import BatchPlan, plan_batch
+from longrec.train.batch_size import plan_run_batch
 from longrec.train.compile import compile_dense_modules
 from longrec.train.evaluate import evaluate_split
 from longrec.train.optim import (
@@ -70,11 +74,12 @@ class Trainer:
     ):
         self.run = Path(run)
         self.callbacks = callbacks or []
-        self.distributed = distributed.init()
+        self.runtime = Runtime.resolve(cfg.train.device, cfg.train.precision)
+        self.distributed = distributed.init(self.runtime.device)
         self.rank, self.world_size = distributed.world()
         self.main = self.rank == 0
         self.dataset = PreparedDataset(cfg.data.path)
-        self.batch_plan = _plan_batch(cfg, self.dataset, self.world_size)
+        self.batch_plan = plan_run_batch(cfg, self.dataset.split("train"), self.world_size)
         # a copy with the concrete batch: config.yaml records it, the caller's cfg keeps None
         cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, batch_size=self.batch_plan.size)
@@ -82,6 +87,8 @@ class Trainer:
         self.cfg = cfg
         tc = cfg.train
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // self.world_size))
+        if self.runtime.cuda and tc.deterministic:  # cuBLAS is deterministic only with this
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # multi-threaded scatter/index_add accumulate in a varying order: without this, two
         # seeded runs (or a resumed and an uninterrupted one) drift apart. Its side effect of
         # NaN-filling every torch.empty (a debugging aid for reads of uninitialised memory) is
@@ -95,7 +102,7 @@ class Trainer:
             self.schema,
             cfg.model.params,
             sparse_embeddings=wants_sparse_embeddings(tc),
-        )
+        ).to(self.runtime.device)
         self.sharded = None
         self._previous_checkpoint = 0  # step of the last sharded-tables checkpoint written
         if tc.shard_embeddings:
@@ -105,7 +112,10 @@ class Trainer:
 
             # before the optimisers and DDP: the replaced tables leave model.parameters()
             self.sharded = shard_embeddings(
-                self.model, self.world_size, ShardOptions.from_train_config(tc)
+                self.model,
+                self.world_size,
+                ShardOptions.from_train_config(tc),
+                device=self.runtime.device,
             )
         if tc.embed_optimizer == "adam" and tc.sparse_table_grads and not self.distributed:
             use_sparse_table_grads(self.model)  # DDP gets the dense gradients it buckets
@@ -137,9 +147,10 @@ class Trainer:
                 order=cfg.data.order,
                 token_store=cfg.data.token_store,
                 max_tokens=cfg.data.max_tokens,
+                pin_memory=self.runtime.cuda,
             ),
         )
-        self.step_module = distributed.wrap(self.model)
+        self.step_module = distributed.wrap(self.model, self.runtime.device)
         per_epoch = len(self.loader)
         if per_epoch == 0:
             raise UserError(f"{cfg.data.path}: the train split is empty")
@@ -177,7 +188,7 @@ class Trainer:
             return
         full = dict(state)
         full["optimizers"] = [o.state_dict() for o in self.optimizers]
-        full["torch_rng"] = torch.get_rng_state()
+        full.update(self.runtime.rng_state())
         rd.save_checkpoint(self.run, self.model, full)
 
     def _restore(self) -> dict:
@@ -195,7 +206,7 @@ class Trainer:
             raise UserError(
                 f"{self.run}/{rd.STATE}: optimiser state does not fit this model ({e})"
             ) from None
-        torch.set_rng_state(saved.pop("torch_rng"))
+        self.runtime.set_rng_state(saved)
         return saved
 
     # -- loop -----------------------------------------------------------------------------
@@ -214,6 +225,8 @@ class Trainer:
         state = (
             self._restore() if resume and (self.run / rd.STATE).exists() else self._fresh_state()
         )
+        if self.main:
+            self._announce_runtime(state["step"], resume)
         tc = self.cfg.train
         bar = _progress(tc.progress and self.main, self.total_steps, state["step"])
         done = state["step"] >= self.total_steps or state["stopped_early"]
@@ -265,12 +278,25 @@ class Trainer:
             self._validate(state)
         return self._finish(state)
 
+    def _announce_runtime(self, step: int, resume: bool) -> None:
+        """One stderr line and one log.jsonl record of the device and precision (what auto
+        chose); a resume whose precision differs from the run's last one says so."""
+        before = rd.last_logged(self.run, "precision") if resume else None
+        note = (
+            f"; until step {step} it trained in {before}"
+            if before not in (None, self.runtime.precision)
+            else ""
+        )
+        print(f"train: {self.runtime.describe()}{note}", file=sys.stderr)
+        rd.append_log(self.run, {"step": step, **self.runtime.record()})
+
     def _step(self, batch: Batch, step: int) -> float:
         tc = self.cfg.train
         optimizers = self.optimizers + self.table_optimizers
         set_lr(optimizers, lr_factor(tc, step, self.total_steps))
         self.model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+        batch = self.runtime.put(batch)
+        with self.runtime.autocast():
             logits, aux = self.step_module(batch)
         loss = masked_bce(logits, batch.label, batch.target_mask, tc.loss_reduction)
         for aux_logits, weight in aux:
@@ -300,7 +326,7 @@ class Trainer:
 
     def _validate_main(self, state: dict) -> None:
         tc = self.cfg.train
-        metrics = evaluate_split(self.model, self.dataset, "valid", self.cfg)
+        metrics = evaluate_split(self.model, self.dataset, "valid", self.cfg, self.runtime)
         if self.sharded is not None:  # rank 0's numbers decide on every rank
             metrics = distributed.broadcast(metrics)
         value = metrics.get(tc.select_by, math.nan) if metrics else math.nan
@@ -331,27 +357,14 @@ class Trainer:
         if not self.main:
             distributed.barrier()
             return {}
-        state = {**state, "train_samples": samples}
         rd.load_weights(self.model, self.run / rd.BEST)
         rd.copy_atomic(self.run / rd.BEST, self.run / rd.WEIGHTS)
         fault_point("finish-weights-written")
         result = {
-            split: evaluate_split(self.model, self.dataset, split, self.cfg)
+            split: evaluate_split(self.model, self.dataset, split, self.cfg, self.runtime)
             for split in ("valid", "test")
         }
-        result["train"] = {
-            "steps": state["step"],
-            "best_step": state["best_step"],
-            "stopped_early": state["stopped_early"],
-            "samples": state["train_samples"],
-            "train_seconds": round(state["train_seconds"], 3),
-            "samples_per_s": state["train_samples"] / max(state["train_seconds"], 1e-9),
-            "select_by": self.cfg.train.select_by,
-            "model": self.cfg.model.name,
-            "parameters": int(sum(p.numel() for p in self.model.parameters())),
-        }
-        if self.world_size > 1:
-            result["train"]["processes"] = self.world_size
+        result["train"] = self._summary(state, samples)
         rd.write_metrics(self.run, result)
         distributed.barrier()
         return result
@@ -362,14 +375,24 @@ class Trainer:
         rd.load_weights(self.model, self.run / rd.BEST)
         self.sharded.load(self._tables_file("best"))
         result = {
-            split: distributed.broadcast(evaluate_split(self.model, self.dataset, split, self.cfg))
+            split: distributed.broadcast(
+                evaluate_split(self.model, self.dataset, split, self.cfg, self.runtime)
+            )
             for split in ("valid", "test")
         }
         if not self.sharded.unshard(self.model, dst=0):  # collective
             distributed.barrier()
             return {}
         rd.save_weights(self.model, self.run / rd.WEIGHTS)
-        result["train"] = {
+        result["train"] = self._summary(state, samples)
+        result["train"]["sharded_tables"] = sorted(self.sharded.placement())
+        rd.write_metrics(self.run, result)
+        distributed.barrier()
+        return result
+
+    def _summary(self, state: dict, samples: int) -> dict:
+        """metrics.json's `train` section: the schedule, throughput, and what it ran on."""
+        out = {
             "steps": state["step"],
             "best_step": state["best_step"],
             "stopped_early": state["stopped_early"],
@@ -379,23 +402,12 @@ class Trainer:
             "select_by": self.cfg.train.select_by,
             "model": self.cfg.model.name,
             "parameters": int(sum(p.numel() for p in self.model.parameters())),
-            "processes": self.world_size,
-            "sharded_tables": sorted(self.sharded.placement()),
+            "device": str(self.runtime.device),
+            "precision": self.runtime.precision,
         }
-        rd.write_metrics(self.run, result)
-        distributed.barrier()
-        return result
-
-
-def _plan_batch(cfg: RunConfig, dataset: PreparedDataset, world_size: int) -> BatchPlan:
-    """The training batch (train.batch_size, or auto from the train split's size: see
-    train/batch_size.py), per process."""
-    layout, tc = cfg.data.layout, cfg.train
-    rows = rows_per_epoch(dataset.split("train"), layout, world_size)
-    unit = ("requests" if layout == "request" else "samples") + (
-        " per process" if world_size > 1 else ""
-    )
-    return plan_batch(tc.batch_size, rows, tc.epochs, tc.max_steps, unit)
+        if self.world_size > 1:
+            out["processes"] = self.world_size
+        return out
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -25,6 +25,7 @@ RESUMABLE = frozenset(
         "train.max_steps",
         "train.early_stop_patience",
         "train.threads",
+        "train.device",  # where the steps run, not what they compute (a GPU run can end on CPU)
         "train.progress",
         "train.log_every",
         "data.prefetch",
@@ -58,8 +59,24 @@ def differences(stored: RunConfig, new: RunConfig) -> tuple[dict, dict]:
             continue
         if key == "train.batch_size" and b is None:  # auto: resolved from the same data
             continue
+        if key == "train.precision" and _same_precision(a, b, new.train.device):
+            continue
         (allowed if key in RESUMABLE else refused)[key] = (a, b)
     return refused, allowed
+
+
+def _same_precision(a: str, b: str, device: str) -> bool:
+    """Whether `auto` and a set precision compute alike on this machine: a run configured
+    before train.precision existed records fp32 (or bf16), the same settings today say auto."""
+    if "auto" not in (a, b):
+        return False
+    from longrec.runtime import resolve_device, resolve_precision
+
+    try:
+        where = resolve_device(device)
+        return resolve_precision(a, where)[0] == resolve_precision(b, where)[0]
+    except UserError:  # not possible here: a difference, named as such
+        return False
 
 
 def describe(refused: dict) -> str:

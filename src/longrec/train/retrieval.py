@@ -123,16 +123,18 @@ def retrieval_ndcg(
         LoaderConfig(batch_size=256, max_len=cfg.data.max_len, layout="pointwise", prefetch=0),
     )
     model.eval()
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     per_k: dict[int, list[np.ndarray]] = {k: [] for k in ks}
     seen = 0
     for batch in loader:
         keep = (batch.label[:, 0] > 0.5).numpy()  # rank behaviours for positive targets
         if not keep.any():
             continue
-        scores = model.search_scores(batch)
+        scores = model.search_scores(batch.to(device) if device.type != "cpu" else batch)
         if scores is None:
             return {"source": source, "available": False}
-        scores = scores[:, 0, :].float().numpy()
+        scores = scores[:, 0, :].float().cpu().numpy()
         mask = batch.history_mask.numpy()
         rel = _relevance(batch, truth, mi, mask)
         if rel is None:

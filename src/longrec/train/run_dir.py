@@ -71,7 +71,10 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
-        missing, unexpected = load_model(model, str(path), strict=True)
+        # straight onto the model's device (safetensors record none: any run's weights load)
+        first = next(model.parameters(), None)
+        device = str(first.device) if first is not None else "cpu"
+        missing, unexpected = load_model(model, str(path), strict=True, device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"{path}: unreadable or foreign weights ({reason})") from None
@@ -86,7 +89,8 @@ def save_state(run: Path, state: dict) -> None:
 def load_state(run: Path) -> dict:
     path = Path(run) / STATE
     try:
-        state = torch.load(path, weights_only=True)
+        # tensors of a run on a GPU load on the CPU: the optimisers move theirs to their params
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torn, truncated or foreign: the message names the file
         raise UserError(
             f"{path} is unreadable ({type(e).__name__}); the run cannot resume"
@@ -145,8 +149,24 @@ def append_log(run: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def load_run(run: str | Path, weights: str = WEIGHTS):
-    """(model in eval mode, config, schema) of a finished run."""
+def last_logged(run: Path, key: str):
+    """The value of `key` in the last log.jsonl record that has it; None if none does."""
+    path = Path(run) / LOG
+    value = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+            if isinstance(record, dict) and key in record:
+                value = record[key]
+    return value
+
+
+def load_run(run: str | Path, weights: str = WEIGHTS, device: torch.device | str = "cpu"):
+    """(model in eval mode on `device`, config, schema) of a finished run (weights saved on
+    any device)."""
     run = Path(run)
     cfg, schema = read_config(run)
     model = build_model(cfg.model.name, schema, cfg.model.params)
@@ -154,5 +174,5 @@ def load_run(run: str | Path, weights: str = WEIGHTS):
     if not path.exists():
         raise UserError(f"{run}: no {weights} (did training finish?)")
     load_weights(model, path)
-    model.eval()
+    model.to(device).eval()
     return model, cfg, schema

@@ -177,7 +177,7 @@ class ShardedTables:
         os.replace(tmp, path)
 
     def load(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, weights_only=True))
+        self.load_state_dict(torch.load(path, weights_only=True, map_location=self.device))
 
     # -- export ---------------------------------------------------------------------------
     def gather(self, dst: int = 0) -> dict[str, Tensor] | None:
