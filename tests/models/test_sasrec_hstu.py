@@ -217,7 +217,8 @@ def test_hstu_target_readout_is_cached_padding_free_and_reads_the_history():
         direct = model(batch)
         torch.testing.assert_close(direct, model.score(model.encode_user(batch), batch))
         torch.testing.assert_close(direct, model(left_pad(batch, 40)), atol=ATOL, rtol=0)
-    assert model.head.net[0].num_features == 6 * model.dim  # [out, x_t, h, h ⊙ x_t, r, r ⊙ x_t]
+    # [out, x_t, h, h ⊙ x_t] and [r, r ⊙ x_t] of each of the two scorers
+    assert model.head.net[0].num_features == 8 * model.dim
     assert torch.isfinite(direct).all() and (direct[~batch.target_mask] == 0).all()
 
 

@@ -107,10 +107,10 @@ class HstuParams:
     micro_batch: int = 0  # eval: score the targets in chunks of this size (0 = all at once)
     dedup: bool = False  # look each distinct id of a batch up once
     head_interest: bool = True  # head also sees x_t, its gathered h and h ⊙ x_t [INFER]
-    # none | tokens: the head also gets r, a DIN attention of the target over the behaviour
-    # embeddings, and r ⊙ x_t, as SASRec's read-out [INFER] (docs/models.md)
+    # none | tokens: the head also gets r, an attention of the target over the behaviour
+    # embeddings, and r ⊙ x_t (nn/readout.py) [INFER] (docs/models.md)
     readout: str = "tokens"
-    readout_score: str = "din"  # din (DIN's MLP) | cosine (temperature 4 x cosine) [INFER]
+    readout_score: str = "both"  # din (DIN's MLP) | cosine (temperature 4 x cosine) | both
     attn_init: str = "identity"  # identity (f_1's Q, K, V blocks = I) | default [INFER]
 
 
