@@ -456,5 +456,5 @@ def test_sasrec_heads(head):
         torch.testing.assert_close(logits, expect, atol=1e-6, rtol=0)
         assert model.head is None
     else:
-        # [u, v, u ⊙ v] and the target read-out [r, r ⊙ v]
-        assert model.bias is None and model.head.net[0].num_features == 5 * model.dim
+        # [u, v, u ⊙ v] and the target read-out [r, r ⊙ v] of each of its two scorers
+        assert model.bias is None and model.head.net[0].num_features == 7 * model.dim

@@ -43,3 +43,22 @@ def test_same_state_dict_and_fallbacks():
     x16 = torch.randn(6, 3, dtype=torch.bfloat16, requires_grad=True)
     PReLU(init=0.1).to(torch.bfloat16)(x16).sum().backward()
     assert x16.grad is not None
+
+
+def test_bf16_gradient_from_autocast_takes_the_reference_path():
+    """Under bf16 autocast the Linear after a PReLU (DIN's activation unit) hands back a bf16
+    gradient for a float32 input; the kernel takes float32 only, so the reference runs."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 36)
+    ours, reference = PReLU(init=0.1), nn.PReLU(init=0.1)
+    out = nn.Linear(36, 1)
+    grads = []
+    for act in (ours, reference):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = out(act(xi + 0.0))
+        y.float().sum().backward()
+        grads.append((xi.grad, act.weight.grad))
+    # the same to bf16 rounding (the bf16 gradient is widened at different points)
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-2, atol=1e-3)

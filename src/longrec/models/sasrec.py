@@ -18,6 +18,10 @@ whatever the target type), and every other piece SPEC §9 asks for is already th
   Padding is masked out of every attention (causal + key-padding mask).
 * User vector: the last position's hidden state, F_t in the paper (the encoder runs its last
   layer for that position only).
+* Read-out [INFER] (`readout="tokens"`, `readout_score="both"`; docs/models.md): the MLP
+  head also gets the target's attention over the behaviour embeddings, [r, r ⊙ v_t], with
+  DIN's scorer and a cosine scorer (`nn/readout.py`): the last hidden state alone stayed near
+  chance on MovieLens. `readout="last"` is the paper's model.
 * Head: `head="mlp"` (default): DARE's BN-200-80 MLP on [u, v_t, u ⊙ v_t]; `head="dot"`:
   <u, v_t> + b, the original's r = <F_t, M_i> plus a learned intercept (a CTR model needs one;
   SASRec's sampled-negative loss does not). v_t is the target's plain item embedding M_i (same
@@ -38,7 +42,13 @@ from __future__ import annotations
 from longrec.models.registry import register_variant
 from longrec.models.td_sasrec import TdSasrecModel
 
-SASREC_PRESET = {"decouple": "none", "target_pos": False, "n_heads": 1, "readout": "tokens"}
+SASREC_PRESET = {
+    "decouple": "none",
+    "target_pos": False,
+    "n_heads": 1,
+    "readout": "tokens",
+    "readout_score": "both",
+}
 
 register_variant(
     "sasrec",

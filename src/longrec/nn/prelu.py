@@ -26,6 +26,12 @@ class _OneWeightPReLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
+        if grad.shape != x.shape or not row_kernels.applicable(grad):
+            # under autocast the incoming gradient can be bf16: PyTorch's own backward
+            with torch.enable_grad():
+                xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
+                grad_x, grad_weight = torch.autograd.grad(torch.prelu(xr, wr), (xr, wr), grad)
+            return grad_x, grad_weight
         grad_x, grad_weight = row_kernels._extension().prelu_backward(x, grad.contiguous(), weight)
         return grad_x, grad_weight
 
