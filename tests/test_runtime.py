@@ -48,7 +48,7 @@ def test_auto_precision_on_a_cpu_follows_its_flags_and_the_switch(monkeypatch):
     for native in (SAPPHIRE_RAPIDS, ZEN4):
         assert resolve_precision("auto", CPU, cpuinfo=native, cpu_auto=True)[0] == "bf16"
         chosen, why = resolve_precision("auto", CPU, cpuinfo=native, cpu_auto=False)
-        assert chosen == "fp32" and "quality evidence" in why
+        assert chosen == "fp32" and "only when set" in why
     # without an explicit cpu_auto, the module's switch decides
     monkeypatch.setattr(runtime, "CPU_BF16_AUTO", True)
     assert resolve_precision("auto", CPU, cpuinfo=ZEN4) == ("bf16", "auto: CPU with native bf16")

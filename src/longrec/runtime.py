@@ -22,8 +22,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # /proc/cpuinfo flags of CPUs that compute bf16 matrix products natively
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-# precision=auto on such a CPU: bf16 once it is shown to train as well as fp32 there
-CPU_BF16_AUTO = False  # quality evidence pending (BENCHMARKS.md)
+# precision=auto on such a CPU. Off: on avx512_bf16 (no AMX) the demo's models trained as well
+# in bf16 but no faster (0.7-1.0x; their GEMMs are too small), BENCHMARKS.md "Precision on a
+# CPU with native bf16"; set train.precision=bf16 for large models
+CPU_BF16_AUTO = False
 
 
 def check_device(setting: str, name: str = "train.device") -> None:
@@ -105,7 +107,7 @@ def resolve_precision(
     if not native:
         return "fp32", f"auto: {hardware}"
     if not cuda and not (CPU_BF16_AUTO if cpu_auto is None else cpu_auto):
-        return "fp32", f"auto: {hardware}; CPU bf16 awaits quality evidence (CPU_BF16_AUTO)"
+        return "fp32", f"auto: {hardware}; bf16 on a CPU only when set (not faster at small widths)"
     return "bf16", f"auto: {hardware}"
 
 
