@@ -145,6 +145,7 @@ def bench_serve(
     requests: int = 40,
     log=print,
     micro_batches=(8,),
+    device: str = "auto",
 ) -> list[dict]:
     ensure_history(dataset, history_url)
     ds = PreparedDataset(dataset)
@@ -159,6 +160,7 @@ def bench_serve(
                     max_len=length,
                     cache_bytes=0 if cache == "cold" else 1 << 30,
                     max_candidates=max(candidates),
+                    device=device,
                 )
                 store = open_history(history_url, list(ds.fields.values()))
                 ranker = Ranker.from_run(run, history=store, config=config)
@@ -175,6 +177,7 @@ def bench_serve(
                                 "concurrency": c,
                                 "cache": cache,
                                 "micro_batch": micro_batch,
+                                "device": str(ranker.runtime.device),
                                 **result,
                             }
                             log(row)

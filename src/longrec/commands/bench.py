@@ -214,6 +214,9 @@ def bench_serve_command(
         ".cache/bench/serve"
     ),
     out: Annotated[Path, typer.Option(help="results directory")] = RESULTS,
+    device: Annotated[
+        str, typer.Option(help="where the ranker scores: auto | cpu | cuda[:N]")
+    ] = "auto",
 ) -> None:
     import sys
 
@@ -231,6 +234,7 @@ def bench_serve_command(
         requests,
         log=lambda r: print(r, file=sys.stderr),
         micro_batches=tuple(int(x) for x in micro_batch.split(",")),
+        device=device,
     )
     _emit("serve", {"rows": rows}, out)
 
