@@ -101,3 +101,23 @@ def test_training_and_evaluation_batches_hold_the_same_history(prepared_taobao, 
             _assert_same(evaluated[sample], history, sample, "evaluation loader")
             cut += len(want["ts"]) == MAX_LEN
     assert cut > 0, "no history reached max_len: the cut is untested"
+
+
+def test_evaluation_batches_are_bounded_in_behaviours(prepared_taobao, monkeypatch):
+    """At long histories the evaluation batch holds fewer requests (its memory grows with
+    requests x history), and every sample is still scored on the same history."""
+    from longrec.train import evaluate
+
+    cfg = resolve(None, [f"data.max_len={MAX_LEN}"], data__path=str(prepared_taobao))
+    dataset = PreparedDataset(prepared_taobao)
+    whole = _histories(evaluation_loader(_EveryField(), dataset, "test", cfg))
+    monkeypatch.setattr(evaluate, "EVAL_BEHAVIOURS", 10 * MAX_LEN)
+    assert evaluate.eval_batch_rows(cfg) == 10
+    loader = evaluation_loader(_EveryField(), dataset, "test", cfg)
+    batches = list(loader)
+    assert max(b.user.shape[0] for b in batches) == 10
+    small = _histories(batches)
+    assert small.keys() == whole.keys()
+    for row, hist in whole.items():
+        for field, values in hist.items():
+            np.testing.assert_array_equal(small[row][field], values)

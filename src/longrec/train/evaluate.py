@@ -45,6 +45,17 @@ def predict_split(
     return {"user": cols["user"], "label": cols["label"], "prob": probs}
 
 
+# behaviour slots per evaluation batch at most: the default 4,096 requests at a 2.7K history
+# took DARE's evaluation past 13 GB; scores do not depend on the batch (request layout, eval mode)
+EVAL_BEHAVIOURS = 1 << 20
+
+
+def eval_batch_rows(cfg: RunConfig) -> int:
+    """`data.eval_batch_size`, fewer where the history is so long that the batch would hold
+    more than EVAL_BEHAVIOURS behaviours."""
+    return max(1, min(cfg.data.eval_batch_size, EVAL_BEHAVIOURS // max(cfg.data.max_len, 1)))
+
+
 def evaluation_loader(
     model, dataset: PreparedDataset, split: str, cfg: RunConfig, pin_memory: bool = False
 ) -> BatchLoader:
@@ -54,7 +65,7 @@ def evaluation_loader(
         dataset,
         split,
         LoaderConfig(
-            batch_size=cfg.data.eval_batch_size,
+            batch_size=eval_batch_rows(cfg),
             max_len=cfg.data.max_len,
             layout="request",
             shuffle=False,
