@@ -36,3 +36,8 @@ lane() { local i; for ((i = $1; i < ${#ALL[@]}; i += 2)); do run "${ALL[$i]}"; d
 lane 0 &
 lane 1 &
 wait
+# STCA with the request-time gap in its tokens (time_delta), the variant that stays flat
+$L bench scaling --data "$W/data" --out "$W/scaling-stca-time" --models stca --lengths "$LENGTHS" \
+  --seeds 3 "${SETS[@]}" --set model.params.time_delta=true
+cp "$W/scaling-stca-time/table.md" "$R/stca-time.md"
+cp "$W/scaling-stca-time/scaling.json" "$R/stca-time.json"
