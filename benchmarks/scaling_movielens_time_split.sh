@@ -7,12 +7,12 @@
 # one history), length-bucketed batches, 2 epochs, 3 seeds, one thread per run, two runs side
 # by side. Evaluation batches of 256 requests: the default 4,096 at the full 2.7K history
 # took DARE past 13 GB.
-# Usage: [MODELS=stca,dare,din,longer LENGTHS=25,100,300,1000,full] \
+# Usage: [MODELS=stca,dare,din,longer,twin_hard LENGTHS=25,100,300,1000,full] \
 #        benchmarks/scaling_movielens_time_split.sh WORKDIR
 set -euo pipefail
 W=${1:-/tmp/longrec-scaling-movielens-time-split}
 L="${LONGREC:-.venv/bin/longrec}"
-MODELS=${MODELS:-stca,dare,din,longer}
+MODELS=${MODELS:-stca,dare,din,longer,twin_hard}
 LENGTHS=${LENGTHS:-25,100,300,1000,full}
 R=benchmarks/results/scaling-movielens-time-split
 mkdir -p "$W" "$R"
