@@ -51,7 +51,8 @@ The model therefore starts as similarity search over the embeddings and keeps th
   target's time slot is e_time(0) + e_type(type) instead of e_time(0), so its score against a
   behaviour gains a learned e_type · e_time(gap) term: a purchase can prefer old behaviours
   while a click prefers recent ones. The type otherwise enters only the head, after the
-  attention has already chosen what to read. Zero at init.
+  attention has already chosen what to read. Zero at init. Off: on the long-range synthetic
+  data it gained nothing at 1K or 10K (one seed each, BENCHMARKS.md).
 * History transform: one token-wise stack shared by all layers; `history_per_layer` gives each
   layer its own stack on X (the other reading of the paper).
 * No positional bias anywhere in the attention (what makes length extrapolation benign): order
