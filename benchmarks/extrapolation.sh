@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Length extrapolation (issue 04, SPEC §7.4): STCA trained on short histories (Beta lengths with
-# mean ~1K, or a fixed 1K cut) and evaluated at 1K, 2K, 4K and 10K behaviours, on synthetic data
-# whose label depends on relevant behaviours far back (8 ads per request, histories >= 10K).
+# Length extrapolation (issue 04; docs/models.md, "STCA"): STCA trained on short histories (Beta
+# lengths with mean ~1K, or a fixed 1K cut) and evaluated at 1K, 2K, 4K and 10K behaviours, on
+# synthetic data whose label depends on relevant behaviours far back (8 ads per request,
+# histories >= 10K).
 # Usage: [USERS=400 REQUESTS=3 EPOCHS=3] benchmarks/extrapolation.sh WORKDIR [SEEDS]
 set -euo pipefail
 W=${1:-/tmp/longrec-extrapolation}

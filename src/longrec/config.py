@@ -27,8 +27,8 @@ class DataConfig:
     layout: str = "pointwise"  # "pointwise" | "request" (all targets of a request share a row)
     eval_batch_size: int = 4096
     prefetch: int | None = None  # batches built ahead in a thread; None: 2 given a spare core
-    # length-extrapolative training (SPEC §7.4): per-request training lengths ~ Beta on
-    # [train_min_len, max_len] with mean train_mean_len; evaluation always uses max_len
+    # length-extrapolative training (docs/models.md, "STCA"): per-request training lengths
+    # ~ Beta on [train_min_len, max_len] with mean train_mean_len; evaluation always uses max_len
     train_lengths: str = "fixed"  # fixed | beta
     train_min_len: int = 8
     train_mean_len: int | None = None

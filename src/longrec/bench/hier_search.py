@@ -1,7 +1,7 @@
-"""Search-stage cost of the hierarchical hard search (SPEC §5.2a): the merged reading and the
-per-level reading of ``nn.hier_search``, next to the single-level SIM/TWIN hard search and a
-soft top-k at attention dim 16 (dot product over the whole history + top k), on synthetic
-histories over a category taxonomy (8 -> 64 -> 768 categories for 3 levels)."""
+"""Search-stage cost of the hierarchical hard search (docs/models.md, "Search stage"): the merged
+reading and the per-level reading of ``nn.hier_search``, next to the single-level SIM/TWIN hard
+search and a soft top-k at attention dim 16 (dot product over the whole history + top k), on
+synthetic histories over a category taxonomy (8 -> 64 -> 768 categories for 3 levels)."""
 
 from __future__ import annotations
 

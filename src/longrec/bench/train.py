@@ -143,8 +143,8 @@ def bench_layouts(
     warmup: int = 2,
     run_dir: Path | None = None,
 ) -> dict:
-    """Request-level batching (SPEC §7.3) against the pointwise layout on the SAME samples:
-    history bytes gathered per sample and training samples/s of each layout."""
+    """Request-level batching (docs/architecture.md, "The batch") against the pointwise layout on
+    the SAME samples: history bytes gathered per sample and training samples/s of each layout."""
     from longrec.data.loader import BatchLoader, LoaderConfig
 
     sets = [

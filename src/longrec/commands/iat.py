@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 iat_app = typer.Typer(
-    help="IAT (Instance-As-Token, SPEC §8): build instance-token stores (see docs/iat.md).",
+    help="IAT (Instance-As-Token): build instance-token stores (see docs/iat.md).",
     no_args_is_help=True,
 )
 

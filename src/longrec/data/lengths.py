@@ -1,4 +1,5 @@
-"""Length-extrapolative training (SPEC §7.4): train on short suffixes, serve the full history.
+"""Length-extrapolative training (docs/models.md, "STCA"): train on short suffixes, serve the
+full history.
 
 Each request gets, per epoch, a training length L = L_min + s (L_max - L_min), s ~ Beta(a, b),
 rounded up to a multiple of 8 (kernel-friendly), and keeps its most recent L behaviours (suffix

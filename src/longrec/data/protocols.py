@@ -22,7 +22,7 @@ PROTOCOLS = ("dare", "leave_one_out", "time_split", "impressions")
 
 @dataclass
 class ProtocolConfig:
-    """Every number of every protocol (defaults: DARE's public-data protocol, SPEC §3.6)."""
+    """Every number of every protocol (defaults: DARE's public-data protocol)."""
 
     name: str = "dare"
     min_len: int = 210  # dare: keep users with at least this many behaviours

@@ -1,5 +1,5 @@
 """A per-user, time-ordered store of dense vectors, one per past training instance (IAT's
-instance tokens, SPEC §8.3): the instance's compressed 64-d embedding plus its label.
+instance tokens, docs/iat.md): the instance's compressed 64-d embedding plus its label.
 
 Layout (a directory, written atomically):
     offsets.npy   int64 [n_users + 1]   user indices as in the dataset's user vocabulary

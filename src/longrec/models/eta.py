@@ -1,11 +1,11 @@
 """ETA: End-to-end Target Attention (Chen et al., Alibaba 2021, arXiv 2108.04468).
 
-Makes the search stage part of the trained model (SPEC §9): every behaviour and the target are
-hashed with SimHash (`bits` fixed random hyperplanes, a buffer: sign(R e)); the GSU keeps the
-`top_k` behaviours with the most equal signature bits (bits − Hamming distance,
-`nn.search.hamming_similarity`); the ESU is target attention over them with the *same*
-embeddings, so the embeddings behind the hashes are the ones the CTR loss trains (the hash
-itself is not differentiable and the planes never change).
+Makes the search stage part of the trained model (docs/models.md, "ETA"): every behaviour and the
+target are hashed with SimHash (`bits` fixed random hyperplanes, a buffer: sign(R e)); the GSU keeps
+the `top_k` behaviours with the most equal signature bits (bits − Hamming distance,
+`nn.search.hamming_similarity`); the ESU is target attention over them with the *same* embeddings,
+so the embeddings behind the hashes are the ones the CTR loss trains (the hash itself is not
+differentiable and the planes never change).
 
 Decisions ([INFER], each a parameter):
 * [INFER] the ESU (`esu`) defaults to DARE's public re-implementation style ("dot"): one

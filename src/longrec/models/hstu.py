@@ -1,4 +1,5 @@
-"""HSTU — Hierarchical Sequential Transduction Units (Meta, ICML 2024; SPEC §9) as a CTR model.
+"""HSTU — Hierarchical Sequential Transduction Units (Meta, ICML 2024) as a CTR model
+(docs/models.md, "HSTU").
 
 Per layer (`HstuLayer`), with X the token sequence [T, d]:
 
@@ -34,7 +35,7 @@ the ranking use here is the project's reconstruction):
 * The target token attends causally to the whole history and to itself; history tokens never see
   it. Its last-layer output goes through a final LayerNorm and DARE's BN-200-80 MLP to the logit.
 * M targets of one request: each target is its own last token against the shared history, and
-  targets never see each other. That is M-FALCON's candidate mask (SPEC §9): because history
+  targets never see each other. That is the HSTU paper's M-FALCON candidate mask: because history
   tokens are causal and never see a target, their layer outputs are candidate-independent, so
   `encode_user` runs the history through the layers once and caches every layer's keys and
   values (the user KV cache, [B, layers, heads, L, d_h]); `score` computes only the target rows:

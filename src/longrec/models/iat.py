@@ -1,7 +1,8 @@
-"""IAT: Instance-As-Token (ByteDance, arXiv 2604.08933; SPEC §8). Two models, trained apart.
+"""IAT: Instance-As-Token (ByteDance, arXiv 2604.08933; docs/iat.md). Two models, trained apart.
 
-Stage I, `iat_source` (SPEC §8.2). A base ranker gives a representation h of each training
-instance; it is compressed to a 64-d instance token and decompressed again for the prediction:
+Stage I, `iat_source` (docs/iat.md, "Stage I: the source model"). A base ranker gives a
+representation h of each training instance; it is compressed to a 64-d instance token and
+decompressed again for the prediction:
 
     x   = [v_t, p, v_t ⊙ p]            DIN-style target attention p over the hand-crafted history
     h   = F_interaction(x)             BN -> MLP (`interaction`, default one layer of 200)
@@ -22,11 +23,11 @@ sibling would leak the label through the batch position. [INFER] A user's instan
 two batches see only the earlier ones of their own batch (the paper's streaming version fetches
 the user's previous T-1 tokens from the parameter server, with stop-gradient). `compress(batch)`
 returns the PRE-SIT h_c [B, M, 64]: that is what the token store keeps (storing the post-SIT
-vector is worse downstream, SPEC §8.2).
+vector is worse downstream, the paper reports).
 
-Stage II, `iat` (SPEC §8.3). The loader attaches each request's most recent `data.max_tokens`
-instance tokens strictly before the request time (`batch.extra`, data/token_store.py); they
-are data, never trained (detached). Per token
+Stage II, `iat` (docs/iat.md, "Stage II: the downstream model"). The loader attaches each request's
+most recent `data.max_tokens` instance tokens strictly before the request time (`batch.extra`,
+data/token_store.py); they are data, never trained (detached). Per token
 
     Ê = σ(W E + b)  (`adapt_dim`),   E_side = label embedding (+ time-gap bucket embedding),
     InsToken = concat(Ê, E_side) -> linear -> `dim`;
@@ -204,10 +205,10 @@ class IatSourceParams:
     attn_hidden: int = 36  # DIN's attention MLP
     target_repr: bool = True  # x = [v_t, p, v_t ⊙ p] (TR) rather than [v_t, p]
     interaction: tuple[int, ...] = (200,)  # F_interaction: BN -> MLP -> h [INFER widths]
-    token_dim: int = 64  # h_c, the stored instance token (SPEC §8.2: 64)
+    token_dim: int = 64  # h_c, the stored instance token (paper: 64)
     decompress: tuple[int, ...] = (200, 80)  # decompress MLP before the logit [INFER widths]
     order: str = "temporal"  # temporal (T-IAT) | user (U-IAT: causal SIT over the user's batch)
-    sit_layers: int = 2  # SPEC §8.2: 2
+    sit_layers: int = 2  # paper: 2
     sit_heads: int = 2  # [INFER: NOT FOUND]
     sit_ffn: int | None = None  # None = 4 * token_dim [INFER]
     sit_window: int | None = None  # at most this many earlier instances (None = whole batch)
@@ -296,8 +297,8 @@ class IatParams:
     attn_hidden: int = 36
     target_repr: bool = True
     token_dim: int = 64  # width of the stored instance tokens (must match the token store)
-    adapt_dim: int = 64  # Ê = σ(W E + b) (SPEC §8.3: 64)
-    side_dim: int = 64  # E_side: label embedding (+ time-gap embedding) (SPEC §8.3: 64)
+    adapt_dim: int = 64  # Ê = σ(W E + b) (paper: 64)
+    side_dim: int = 64  # E_side: label embedding (+ time-gap embedding) (paper: 64)
     time_gap: bool = True  # add a log-bucketed (request time - token time) embedding to E_side
     time_buckets: int = 64
     dim: int = 64  # encoder and IAT-token width [INFER]

@@ -1,5 +1,5 @@
 """LONGER: Long-sequence Optimized traNsformer for GPU-Efficient Recommenders (Chai et al.,
-ByteDance, RecSys 2025, arXiv 2505.04421; SPEC §6).
+ByteDance, RecSys 2025, arXiv 2505.04421; docs/models.md, "LONGER").
 
 A transformer over the whole long history, made affordable by three ideas: token merging (K
 adjacent behaviours -> one token), hybrid attention (a first cross-causal layer whose queries
@@ -147,13 +147,13 @@ class LongerParams:
     side_fields: tuple[str, ...] | None = None  # history-only; None = single-valued event fields
     time_dim: int = 16  # request-relative time-gap embedding; 0 = none [INFER]
     time_buckets: int = 64  # log2 buckets of the gap in seconds
-    dim: int = 32  # d: behaviour token width after the projection (SPEC §6.3: d = 32)
+    dim: int = 32  # d: behaviour token width after the projection (paper: d = 32)
     merged_dim: int | None = None  # d': merged token / attention width; None = dim [INFER]
     merge_k: int = 4  # K behaviours per merged token (paper: 4 or 8; 1 = no merge)
     merge: str = "concat"  # concat (K*d -> d') | inner (InnerTrans over the K tokens)
     inner_pool: str = "flatten"  # InnerTrans output: flatten (K*d -> d') | mean (d -> d')
     inner_heads: int = 1  # heads of the InnerTrans block [INFER]
-    n_query: int = 100  # k most recent merged tokens used as queries (SPEC §6.3: 100)
+    n_query: int = 100  # k most recent merged tokens used as queries (paper: 100 in production)
     n_layers: int = 2  # self-causal layers after the cross-causal one [NOT FOUND; 2 in scaling]
     heads: int = 2  # [NOT FOUND]
     ffn_dim: int | None = None  # None = 4 * d' [INFER]

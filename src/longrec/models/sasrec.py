@@ -1,10 +1,10 @@
-"""SASRec (Kang & McAuley, ICDM 2018; SPEC §9) as a CTR baseline: causal self-attention over the
-history, the last position's hidden state as a candidate-independent user vector (computed once
-per user in `encode_user`), scored against the target.
+"""SASRec (Kang & McAuley, ICDM 2018; docs/models.md, "SASRec") as a CTR baseline: causal
+self-attention over the history, the last position's hidden state as a candidate-independent user
+vector (computed once per user in `encode_user`), scored against the target.
 
 This is the Target-Decoupled SASRec class (`td_sasrec.py`) with the decoupling switched off, not
 a second implementation: `decouple="none"` is plain SASRec (one encoding, one user vector
-whatever the target type), and every other piece SPEC §9 asks for is already there:
+whatever the target type), and every other piece of the paper's model is already there:
 
 * Tokens: item + category embeddings (the item-side fields shared by history and target,
   concatenated, so d = embed_dim x n_fields = 32 by default) plus a learned position

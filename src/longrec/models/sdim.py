@@ -1,8 +1,8 @@
 """SDIM: Sampling-based Deep Interest Modeling (Cao et al., Meituan, CIKM 2022, arXiv 2205.10249).
 
-No explicit retrieval (SPEC §9): `hashes` SimHash functions of `bits_per_hash` bits each (fixed
-random hyperplanes, a buffer) give every behaviour and the target one τ-bit code per function;
-for each function the behaviours whose code equals the target's are sum-pooled and
+No explicit retrieval (docs/models.md, "SDIM"): `hashes` SimHash functions of `bits_per_hash` bits
+each (fixed random hyperplanes, a buffer) give every behaviour and the target one τ-bit code per
+function; for each function the behaviours whose code equals the target's are sum-pooled and
 ℓ2-normalised, and the result is averaged over the functions. In expectation this is target
 attention with a sharp angular kernel, (1 − θ/π)^τ per function; τ sets the sharpness, m the
 variance. The MLP head sees [v_t, h, v_t ⊙ h] (TR, as DARE gives every baseline).

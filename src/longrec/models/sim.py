@@ -1,6 +1,6 @@
 """SIM: Search-based user Interest Modeling (Pi et al., CIKM 2020, arXiv 2006.05639).
 
-The first two-stage (GSU/ESU) model (SPEC §9):
+The first two-stage (GSU/ESU) model (docs/models.md, "SIM"):
 
 * GSU, hard search (`sim_hard`): the behaviours whose category equals the target's, the most
   recent `top_k` of them (`nn.search.hard_search`). SIM keeps only matches (`fill=False`);
@@ -58,7 +58,8 @@ def init_weights(model: nn.Module, std: float) -> None:
 
 
 def tr_input(target: Tensor, pooled: Tensor, target_repr: bool) -> Tensor:
-    """MLP input [v_t, h, v_t ⊙ h] (TR, SPEC §1.5) or [v_t, h] without it."""
+    """MLP input [v_t, h, v_t ⊙ h] (TR, docs/models.md, "Setting parameters") or [v_t, h]
+    without it."""
     if target_repr:
         return torch.cat((target, pooled, target * pooled), dim=-1)
     return torch.cat((target, pooled), dim=-1)

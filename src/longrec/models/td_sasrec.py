@@ -1,8 +1,8 @@
 """Target-Decoupled SASRec (Tencent "Practice on Long Behavior Sequence Modeling in Tencent
-Advertising", arXiv 2510.21714; SPEC §5.3e-f): a SASRec-style causal self-attention encoder over
-the most recent behaviours whose positional encodings are decoupled by the advertising target
-type (the ad's optimisation goal), used as a candidate-independent, cacheable user encoder for
-pre-ranking.
+Advertising", arXiv 2510.21714; docs/models.md, "TD-SASRec"): a SASRec-style causal self-attention
+encoder over the most recent behaviours whose positional encodings are decoupled by the advertising
+target type (the ad's optimisation goal), used as a candidate-independent, cacheable user encoder
+for pre-ranking.
 
 Only the name and a blog-level description are public, so the whole architecture below is a
 reconstruction ([INFER]); every choice is a parameter:
@@ -11,16 +11,17 @@ reconstruction ([INFER]); every choice is a parameter:
   (`fields`, default: the item-side fields shared by history and target, as
   `schema.shared_item_fields()`), so d = embed_dim x n_fields; the target is embedded with the
   same tables. Event-side history fields (behaviour type, domain) are not used.
-* [INFER] Encoder: SASRec (SPEC §9): `n_layers` blocks of causal multi-head self-attention and
+* [INFER] Encoder: SASRec's: `n_layers` blocks of causal multi-head self-attention and
   a point-wise ReLU FFN (`ffn_dim`, default d as in SASRec), residuals, LayerNorm before
   (`norm="pre"`, plus a final LayerNorm) or after (`norm="post"`) each sub-layer, `dropout` on
   the inputs, attention weights and residual branches. Only the most recent `max_len`
   behaviours are encoded.
-* [INFER] Positions are target-relative (1 = most recent, SPEC §1.2), so extra left padding
-  never moves a real behaviour; the learned table is P[k, pos] for target type k
-  (Target-Decoupled PE, SPEC §5.3e). `type_tables="delta"` (default) builds it as a shared table
-  plus a per-type delta, P[k] = P_shared + Δ_k, with no delta for the generic row, so an unseen
-  target type falls back to the shared table; `"separate"` gives every type its own table.
+* [INFER] Positions are target-relative (1 = most recent), so extra left padding never moves a
+  real behaviour; the learned table is P[k, pos] for target type k (Target-Decoupled PE;
+  docs/models.md, "Temporal encoding (TTE)"). `type_tables="delta"` (default) builds it as a
+  shared table plus a per-type delta, P[k] = P_shared + Δ_k, with no delta for the generic row,
+  so an unseen target type falls back to the shared table; `"separate"` gives every type its own
+  table.
 * [INFER] Decoupling (`decouple`):
   - `"position"` (default): the sequence is encoded once per target type with that type's
     positions (T types -> the encoder runs on [B*T, L, d]; fine for a handful of types), and the
@@ -36,8 +37,9 @@ reconstruction ([INFER]); every choice is a parameter:
   1 for `"none"`), so it is cacheable per user and request; `score` picks each target's row.
 * [INFER] Head: `"mlp"` (default) is DARE's BN-200-80 MLP on [u, v_t, u ⊙ v_t]; `"dot"` is
   <u, v_t> + b, the two-tower pre-ranking form. With `target_pos`, the target vector is
-  v_t + P[k, 0] (SPEC §5.3e: the target's own position 0 of its type); `type_in_head` adds a
-  learned type embedding to the MLP input (a type-aware head, e.g. for `decouple="none"`).
+  v_t + P[k, 0] (the target's own position 0 of its type, as in Target-Decoupled PE);
+  `type_in_head` adds a learned type embedding to the MLP input (a type-aware head, e.g. for
+  `decouple="none"`).
 * Padding never leaks: real positions attend only to real, earlier-or-same positions (causal +
   key-padding mask); every position may attend to itself, so padded positions (and empty
   histories) have a finite output without reading anything else. Padded slots carry their

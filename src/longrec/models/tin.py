@@ -1,10 +1,11 @@
-"""The Tencent advertising stack (SPEC §4, §5): TIN and its descendants behind one search stage.
+"""The Tencent advertising stack (docs/models.md, "TIN family"): TIN and its descendants behind
+one search stage.
 
 TIN (Zhou et al., WWW'24 companion, arXiv 2308.08487): target-aware temporal encoding (TTE:
 target-relative position and/or time-gap buckets added to behaviour and target embeddings),
 target-aware attention and target-aware representation. The "Practice" paper (Tencent, arXiv
-2510.21714) builds on it; everything below that paper's abstract is [INFER] (SPEC §5) and a
-parameter here:
+2510.21714) builds on it; only its abstract and blog-level summaries are public, so everything
+taken from it is [INFER] and a parameter here:
 
 - search: `none` (whole history), `recent` (most recent K), `hard` (target's category),
   `hier` (hierarchical hard search over category_l1..lH, finest first, `hier_reading` merged or

@@ -1,6 +1,6 @@
-"""Interest modules of the TIN family (SPEC §4, §5.3): each pools retrieved behaviours for each
-target. Inputs are already temporally encoded: behaviours e [B, M, K, d] (= e_i + P[f(i)]),
-targets v [B, M, d] (= v_t + P[0]), validity [B, M, K].
+"""Interest modules of the TIN family (docs/models.md, "Sequence modelling"): each pools retrieved
+behaviours for each target. Inputs are already temporally encoded: behaviours e [B, M, K, d]
+(= e_i + P[f(i)]), targets v [B, M, d] (= v_t + P[0]), validity [B, M, K].
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def tin_pool(
 ) -> tuple[Tensor, Tensor]:
     """TIN's target-aware attention and representation: alpha = softmax(<e_i, q>/sqrt(d)),
     u = sum_i alpha_i (e_i ⊙ q) = (sum_i alpha_i e_i) ⊙ q (TR after pooling is exact for a single
-    head, SPEC §1.5). Returns (u [B, M, d], alpha [B, M, K])."""
+    head, as ⊙ q is linear). Returns (u [B, M, d], alpha [B, M, K])."""
     q = v if query is None else query
     scores = (e * q.unsqueeze(2)).sum(-1) / math.sqrt(e.shape[-1])
     alpha = masked_softmax(scores, valid)
@@ -27,7 +27,8 @@ def tin_pool(
 
 class MultiHeadTin(nn.Module):
     """Multi-head TIN: per-head projections, and TR inside each head (value_h ⊙ query_h before
-    the weighted sum, as third-party implementations do, SPEC §4.3)."""
+    the weighted sum, as third-party implementations do; docs/models.md, "Sequence
+    modelling")."""
 
     def __init__(self, dim: int, heads: int = 2):
         super().__init__()
@@ -51,10 +52,11 @@ class MultiHeadTin(nn.Module):
 
 
 class StackedTin(nn.Module):
-    """Stacked TIN (SPEC §5.3g, [INFER] equations): L layers of target attention with a running
-    query q^(l) = LN(q^(l-1) + W^(l) u^(l)), u^(l) = sum_i alpha^(l)_i (e_i ⊙ q^(l-1)), so layer l
-    multiplies l+1 embeddings (3 layers: "up to 4th-order" interactions). Output: concat of all
-    u^(l) (`output="concat"`) or the last (`"last"`)."""
+    """Stacked TIN (docs/models.md, "Sequence modelling"; [INFER] equations): L layers of target
+    attention with a running query q^(l) = LN(q^(l-1) + W^(l) u^(l)),
+    u^(l) = sum_i alpha^(l)_i (e_i ⊙ q^(l-1)), so layer l multiplies l+1 embeddings (3 layers:
+    "up to 4th-order" interactions). Output: concat of all u^(l) (`output="concat"`) or the last
+    (`"last"`)."""
 
     def __init__(self, dim: int, layers: int = 3, output: str = "concat"):
         super().__init__()
@@ -75,8 +77,9 @@ class StackedTin(nn.Module):
 
 
 def dsi_pool(group_scores: list[Tensor], e: Tensor, v: Tensor, valid: Tensor) -> Tensor:
-    """Decoupled Side-Info TIN (SPEC §5.3d, [INFER] equations): every field group attends with
-    its own scores, all groups pool the same fused values, TR per group: concat_m u^(m)."""
+    """Decoupled Side-Info TIN (docs/models.md, "Sequence modelling"; [INFER] equations): every
+    field group attends with its own scores, all groups pool the same fused values, TR per group:
+    concat_m u^(m)."""
     outs = []
     for scores in group_scores:
         alpha = masked_softmax(scores, valid)

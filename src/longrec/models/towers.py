@@ -1,7 +1,8 @@
 """Embedding towers of the two-stage family: which tables (and projections) give the attention
 and representation vectors of behaviours and targets. This is where DARE, TWIN, TWIN-4E and
-TWIN w/ proj. differ (SPEC §3.3): decoupled attention/representation sets, one shared set,
-four sets, or one set with learned projections per role.
+TWIN w/ proj. differ (docs/models.md, "DARE and the TWIN family"): decoupled
+attention/representation sets, one shared set, four sets, or one set with learned projections
+per role.
 
 Speed (issue: 37,000 samples/s at B=2048, L=200 on 2 cores): a history is never embedded as
 one concatenated [B, L, D] tensor. Each field's ids are de-duplicated once per batch

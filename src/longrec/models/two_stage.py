@@ -6,8 +6,9 @@ the same scores over the retrieved behaviours weights the representation embeddi
 sees [v_t, h, v_t ⊙ h] (target-aware representation, TR). DARE (Feng et al., ICLR 2025,
 arXiv 2410.02604) decouples the attention and representation tables, so the search can run at a
 smaller attention dimension; TWIN (Chang et al., KDD 2023) shares one table, as re-implemented
-in DARE's code. Everything here follows DARE's released code (SPEC §3.3-3.4), including the
-auxiliary full-sequence head that gives every behaviour an attention gradient.
+in DARE's code. Everything here follows DARE's released code (docs/models.md, "DARE and the TWIN
+family"), including the auxiliary full-sequence head that gives every behaviour an attention
+gradient.
 [INFER] With several item-side fields (e.g. genres, category levels) every shared field is
 embedded; DARE's public data has item and category only.
 """
@@ -143,7 +144,7 @@ class TwoStageModel(SequenceModel):
         return logits, ([(aux, self.params.aux_weight)] if aux is not None else [])
 
     def reads_history_ts(self) -> bool:
-        return False  # positions, not times (SPEC §3.4); hard search matches categories
+        return False  # positions, not times (as DARE's code); hard search matches categories
 
     def search_scores(self, batch: Batch) -> Tensor:
         state = self.encode_user(batch)

@@ -1,4 +1,5 @@
-"""Target attention (SPEC §1.4): scaled dot product, DIN's MLP score, multi-head.
+"""Target attention (the target queries its user's history): scaled dot product, DIN's MLP
+score, multi-head.
 
 Shapes follow the request layout: queries [B, M, d] (M targets of one user), keys and values
 [B, L, d] (the user's history), scores [B, M, L].

@@ -1,4 +1,5 @@
-"""Single-query multi-head cross attention (STCA, SPEC §7.2), in two forms with equal results.
+"""Single-query multi-head cross attention (STCA; docs/models.md, "STCA"), in two forms with
+equal results.
 
 Every target m of a request is one query attending over the request's history X [L, d]
 (shared by its M targets); head r (of h, d_h = d/h):
@@ -7,7 +8,7 @@ Every target m of a request is one query attending over the request's history X 
 
 * `plain`: K = X W_K and V = X W_V are materialised ([B, L, d]), then scores and pooling per
   head. Costs 2·L·d² (projections) + 2·M·L·d (scores, pooling) multiply-adds per request.
-* `reassociated` (SPEC §7.2 "kernel trick"): with one query per (target, head),
+* `reassociated` (the STCA paper's "kernel trick"): with one query per (target, head),
   q W_Q^r (X W_K^r)ᵀ = ((q W_Q^r) W_K^rᵀ) Xᵀ = u_r Xᵀ and α_r X W_V^r = (α_r X) W_V^r, so K and V
   are never built: u [B, M·h, d] (from the queries alone), then two batched GEMMs over all
   targets and heads at once, scores = u Xᵀ [B, M·h, L] and pooled = α X [B, M·h, d] (run fused,

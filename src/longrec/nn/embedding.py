@@ -1,9 +1,10 @@
 """Embedding tables for categorical fields, shared between history and targets.
 
 `FieldEmbedding` holds one table per field and returns the concatenation of the fields'
-vectors (SPEC §1.3). Multi-valued fields ([..., W] ids, 0 = padding) are mean-pooled. With
-`dedup=True` each distinct id of a batch is looked up once and the result scattered back, which
-makes the backward pass touch each row once (ids repeat heavily in long histories).
+vectors (a behaviour's embedding e_i). Multi-valued fields ([..., W] ids, 0 = padding) are
+mean-pooled. With `dedup=True` each distinct id of a batch is looked up once and the result
+scattered back, which makes the backward pass touch each row once (ids repeat heavily in long
+histories).
 """
 
 from __future__ import annotations

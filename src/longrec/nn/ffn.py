@@ -1,4 +1,5 @@
-"""Token-wise feed-forward blocks: SwiGLU (SPEC §7.2) and a stack of LN(SwiGLU(.)) layers.
+"""Token-wise feed-forward blocks: SwiGLU (STCA's; docs/models.md, "STCA") and a stack of
+LN(SwiGLU(.)) layers.
 
 SwiGLU(x) = ((x W_u) ⊙ Swish(x W_v)) W_o with W_u, W_v ∈ R^{d×rd}, W_o ∈ R^{rd×d} and
 Swish = SiLU (x·σ(x)). W_u and W_v are stored as one [2rd, d] matrix (`up`), so the two input
@@ -43,8 +44,9 @@ class SwiGLU(nn.Module):
 
 
 class SwiGLUStack(nn.Module):
-    """h_0 = x, h_k = LN(SwiGLU_k(h_{k-1})) for k = 1..depth (no residual, as in SPEC §7.2's
-    X̃ = LN(SwiGLU(X)); depth > 1 is the "FFN depth" of the paper's ablation)."""
+    """h_0 = x, h_k = LN(SwiGLU_k(h_{k-1})) for k = 1..depth (no residual, as in the STCA paper's
+    X̃ = LN(SwiGLU(X)), docs/models.md, "STCA"; depth > 1 is the "FFN depth" of the paper's
+    ablation)."""
 
     # train.compile=dense compiles this stack: fixed width, many tokens, GEMMs plus elementwise
     # ops that Inductor fuses (train/compile.py has the measurement)

@@ -13,9 +13,10 @@ class MLPHead(nn.Module):
 
     With `target_types` > 0 and `type_dim` > 0 the input also gets an embedding of the
     impression's target type (click, activation, purchase, ...): the type sets the base rate
-    and which behaviours matter (SPEC §5.3: types decay differently), and a head that never sees
-    it cannot tell a 6% click impression from a 36% purchase one (measured on `longrec synth`
-    data, where the type alone reaches AUC 0.71). Unknown or missing types take row 0.
+    and which behaviours matter (types decay differently: docs/models.md, "Temporal encoding
+    (TTE)"), and a head that never sees it cannot tell a 6% click impression from a 36%
+    purchase one (measured on `longrec synth` data, where the type alone reaches AUC 0.71).
+    Unknown or missing types take row 0.
     """
 
     def __init__(

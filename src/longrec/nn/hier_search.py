@@ -1,4 +1,5 @@
-"""Hierarchical hard search over a category taxonomy and the union of two retrievals (SPEC §5.2).
+"""Hierarchical hard search over a category taxonomy and the union of two retrievals
+(docs/models.md, "Search stage").
 
 Conventions follow ``nn.search``: a search returns indices [B, M, K] into the history and a
 validity mask [B, M, K]; padding is never valid and invalid slots hold index 0. Histories are
@@ -240,9 +241,9 @@ def hierarchical_hard_search(
     fill: bool = True,
     block: int = BLOCK,
 ) -> tuple[Tensor, Tensor]:
-    """Merged-list hierarchical hard search (SPEC §5.2a). Finest level first: up to
-    quotas[finest] most recent behaviours matching the target there; then up to the next
-    quota of not-yet-taken behaviours matching at the next coarser level; ...; then (if
+    """Merged-list hierarchical hard search (docs/models.md, "Search stage"). Finest level
+    first: up to quotas[finest] most recent behaviours matching the target there; then up to the
+    next quota of not-yet-taken behaviours matching at the next coarser level; ...; then (if
     ``fill``) the most recent remaining real behaviours, until k are taken (quotas beyond k
     are clipped, finest first). history_levels[h] [B, L] and target_levels[h] [B, M] are
     integer ids, coarse -> fine; mask [B, L] True = real. Returns (idx, valid) [B, M, k],
@@ -314,10 +315,10 @@ def per_level_hard_search(
     quotas: list[int],
     block: int = BLOCK,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per-level reading of SPEC §5.2a: one sub-sequence per level h (coarse -> fine), the
-    quotas[h] most recent real behaviours matching the target at level h (path match, see the
-    module docstring); sub-sequences of different levels may overlap. Returns a list of
-    (idx, valid) [B, M, quotas[h]], each most recent first."""
+    """Per-level reading of the hierarchical hard search (docs/models.md, "Search stage"): one
+    sub-sequence per level h (coarse -> fine), the quotas[h] most recent real behaviours matching
+    the target at level h (path match, see the module docstring); sub-sequences of different levels
+    may overlap. Returns a list of (idx, valid) [B, M, quotas[h]], each most recent first."""
     _check(history_levels, target_levels, mask, quotas)
     _check_block(block)
     b, length = mask.shape

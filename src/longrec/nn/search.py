@@ -1,4 +1,5 @@
-"""The search stage (GSU, SPEC §1.6): pick K of L behaviours for each target.
+"""The search stage (GSU, the first of a two-stage model's stages): pick K of L behaviours for
+each target.
 
 Every search returns indices [B, M, K] into the history and a validity mask [B, M, K]; padding
 is never selected as valid (if a history has fewer than K real behaviours, the extra slots are

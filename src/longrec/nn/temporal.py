@@ -1,4 +1,5 @@
-"""Target-relative temporal ids (SPEC §1.2): positions and bucketised time gaps.
+"""Target-relative temporal ids (docs/models.md, "Temporal encoding (TTE)"): positions and
+bucketised time gaps.
 
 Histories are left-padded with the most recent behaviour last, so the slot j of a history of
 padded length L has target-relative position L - j (1 = most recent) whatever the padding;
@@ -45,12 +46,13 @@ def log_buckets(values: Tensor, n_buckets: int, exact: int = 0, base: float = 2.
 
 
 class TemporalEncoding(torch.nn.Module):
-    """Target-aware temporal encoding (TIN's TTE, SPEC §4.3): an embedding of each behaviour's
-    target-relative position and/or time gap, and of the target's own bucket 0.
+    """Target-aware temporal encoding (TIN's TTE; docs/models.md, "Temporal encoding (TTE)"): an
+    embedding of each behaviour's target-relative position and/or time gap, and of the target's
+    own bucket 0.
 
     `kind` is "position" (TTE-P), "time" (TTE-T) or "both" (their sum). With `n_target_types`
     > 1 every table is indexed by the target's advertising type as well (Target-Decoupled PE,
-    SPEC §5.3e): different optimisation goals learn different recency curves.
+    same section): different optimisation goals learn different recency curves.
     """
 
     def __init__(

@@ -1,5 +1,5 @@
 """Pre-LayerNorm transformer blocks whose attention can be split into a cached, shared part and
-a per-target part (LONGER's KV-cache serving, SPEC §6.2).
+a per-target part (LONGER's KV-cache serving, docs/models.md, "LONGER").
 
 Shapes: tokens [..., N, d]; heads [..., h, N, d_h]; boolean masks are True = may attend and
 broadcast against the scores [..., h, N_q, N_k]. Every query row must be allowed at least one

@@ -1,5 +1,5 @@
-"""IAT token building (SPEC §8.3 step 1): run a trained, frozen Stage-I source model over every
-sample of the chosen splits and write one instance token per sample to a TokenStore.
+"""IAT token building (docs/iat.md, "Token building"): run a trained, frozen Stage-I source model
+over every sample of the chosen splits and write one instance token per sample to a TokenStore.
 
 Each token is the source model's pre-SIT compressed vector h_c (`IatSourceModel.compress`)
 stored with the sample's user, request time (`target_ts`) and label, so a Stage-II request at

@@ -54,7 +54,7 @@ from longrec.train.table_adam import use_sparse_table_grads
 
 def masked_bce(logits: Tensor, labels: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
     """BCE over real targets: "mean" over all targets, or "per_user" (mean within each request,
-    then across requests: STCA's estimator, SPEC §7.3)."""
+    then across requests: STCA's per-user loss, docs/models.md, "STCA")."""
     loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none") * mask
     if reduction == "mean":
         return loss.sum() / mask.sum().clamp_min(1)

@@ -2,11 +2,11 @@
 
 Ground truth comes from one of two places:
 - synthetic data: the generator's truth (which behaviours drive each impression's label);
-- real data: DARE's mutual-information relevance (SPEC §3.8): for every (target category c_t,
-  behaviour category c, target-relative position p), the mutual information between "a
-  behaviour of category c sits at position p" and the label, over training samples with target
-  category c_t. Target categories with fewer than `min_target_samples` samples are skipped
-  (DARE: 700).
+- real data: DARE's mutual-information relevance (from the paper's retrieval analysis): for
+  every (target category c_t, behaviour category c, target-relative position p), the mutual
+  information between "a behaviour of category c sits at position p" and the label, over
+  training samples with target category c_t. Target categories with fewer than
+  `min_target_samples` samples are skipped (DARE: 700).
 """
 
 from __future__ import annotations
