@@ -155,7 +155,7 @@ def test_dare_makes_exactly_its_samples(
 
 
 def test_dare_defaults_on_long_users():
-    """SPEC §3.6: 19 train targets at T-2-5j (1-indexed), valid T-1, test T, 2 negatives each."""
+    """DARE's protocol: 19 train targets at T-2-5j (1-indexed), valid T-1, test T, 2 negatives each."""
     rng = np.random.default_rng(3)
     users = [[(t, int(rng.integers(2, 32))) for t in range(n)] for n in (210, 250, 209, 400)]
     # distinct, increasing timestamps so that every history is the whole prefix

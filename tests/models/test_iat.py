@@ -1,4 +1,4 @@
-"""IAT (SPEC §8): no instance token at or after the request time reaches a sample, the
+"""IAT (docs/iat.md): no instance token at or after the request time reaches a sample, the
 user-order source model's SIT only reads the same user's earlier instances, Stage I -> tokens
 -> Stage II end to end with the real Trainer (the store stays untouched), and the downstream
 model with tokens, without them, and with every token masked."""

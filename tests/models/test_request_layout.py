@@ -1,4 +1,4 @@
-"""Request-level batching (SPEC §7.3) changes the cost of a training step, not what it computes:
+"""Request-level batching (docs/architecture.md, "The batch") changes the cost of a training step, not what it computes:
 B requests of M targets give the loss and gradients of the B·M pointwise rows (history
 repeated), in training mode (batch-norm statistics over the same real targets). The per-user
 estimator equals the pointwise loss weighted 1 / (M_u · U)."""

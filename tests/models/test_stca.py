@@ -1,4 +1,4 @@
-"""STCA (models.stca, SPEC §7) beyond the model contract of test_models.py: the history transform
+"""STCA (models.stca; docs/models.md, "STCA") beyond the model contract of test_models.py: the history transform
 is target-independent and computed once per user, request-level scoring equals pointwise
 scoring, and the speed options (token de-duplication, activation checkpointing, the
 re-associated kernel, bf16 autocast) change nothing but speed (or precision, for bf16)."""

@@ -1,4 +1,4 @@
-"""The TIN family's blocks against their definitions (SPEC §4.3, §5.3)."""
+"""The TIN family's blocks against their definitions (docs/models.md, "TIN family")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """STCA's single-query cross attention (nn.cross_attention) and SwiGLU (nn.ffn).
 
 The re-associated kernel (K and V never built) must equal the plain one (K, V materialised),
-and both must equal the per-(row, target, head) definition of SPEC §7.2.
+and both must equal the per-(row, target, head) definition (docs/models.md, "STCA").
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _fused(*args):
 
 
 def _naive(query, x, mask, w_q, w_k, w_v, heads):
-    """SPEC §7.2 literally, one (row, target, head) at a time."""
+    """The definition literally, one (row, target, head) at a time."""
     b, m, d = query.shape
     dh = d // heads
     out = torch.zeros_like(query)

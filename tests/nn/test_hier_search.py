@@ -1,4 +1,4 @@
-"""Hierarchical hard search, per-level search and union (SPEC §5.2), against naive references."""
+"""Hierarchical hard search, per-level search and union (docs/models.md, "TIN family"), against naive references."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _match_level(hist, tgt, pos):
 
 
 def _ref_merged(hist, tgt, mask, quotas, k, fill):
-    """SPEC §5.2a literally: finest level first, most recent not-yet-taken matches up to the
+    """The hierarchical rule literally: finest level first, most recent not-yet-taken matches up to the
     level's quota, until k; then (fill) the most recent remaining real behaviours."""
     recent = [p for p in range(len(mask) - 1, -1, -1) if mask[p]]
     taken: list[int] = []
