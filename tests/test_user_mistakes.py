@@ -32,6 +32,7 @@ from longrec.models.base import DataSchema
         ("train.device=cuda:x", "train.device"),
         ("train.precision=fp16", "train.precision = 'fp16': expected auto, fp32, bf16"),
         ("train.bf16=1", "train.bf16 = 1 is not a bool"),
+        ("train.kernels=fast", "train.kernels = 'fast': expected auto, reference, native"),
     ],
 )
 def test_settings_no_run_can_use_are_refused(setting, named):
@@ -103,6 +104,7 @@ def test_server_options_are_checked_before_anything_loads(run_cli, tmp_path):
         (["--precision", "fp16"], "--precision = 'fp16': expected auto, fp32, bf16"),
         (["--bf16", "--precision", "fp32"], "--bf16 contradicts --precision fp32"),
         (["--device", "tpu"], "--device = 'tpu': expected auto, cpu, cuda or cuda:N"),
+        (["--kernels", "fast"], "--kernels = 'fast': expected auto, reference, native"),
     ):
         r = run_cli("serve", "--run", tmp_path, "--history", f"lmdb://{tmp_path}/h", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
