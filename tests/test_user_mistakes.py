@@ -134,6 +134,10 @@ def test_eval_beyond_what_the_model_reads_says_so(prepared_taobao, tmp_path, run
     assert r.returncode == 0 and "reads at most its 50 most recent behaviours" in r.stderr
     r = run_cli("eval", "--run", run, "--max-len", "0")
     assert r.returncode == 2 and "--max-len 0 must be at least 1" in r.stderr
+    r = run_cli("eval", "--run", run, "--kernels", "fast")
+    assert r.returncode == 2 and "--kernels = 'fast': expected auto" in r.stderr, r.stderr
+    r = run_cli("eval", "--run", run, "--kernels", "reference")
+    assert r.returncode == 0, r.stderr
     r = run_cli("eval", "--run", run, "--device", "cuda:99")
     assert r.returncode == 2 and "--device = cuda:99: " in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

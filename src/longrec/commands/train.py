@@ -135,6 +135,8 @@ def eval_command(
 
     if max_len is not None and max_len < 1:
         raise UserError(f"--max-len {max_len} must be at least 1")
+    if kernels is not None:
+        dispatch.check_kernels(kernels, "--kernels")
     where = resolve_device(device, "--device")
     model, cfg, schema = load_run(run, device=where)
     if data is not None:
