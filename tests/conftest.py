@@ -17,6 +17,16 @@ TAOBAO_SAMPLE = REPO_ROOT / "examples" / "data" / "taobao" / "UserBehavior_head.
 MOVIELENS_DIR = REPO_ROOT / "examples" / "data" / "movielens" / "ml-latest-small"
 
 
+@pytest.fixture(autouse=True)
+def _kernels_setting_restored():
+    """The Trainer, the ranker and `longrec eval` set the process-wide kernels setting
+    (longrec.ops.dispatch); no test leaves its setting to the next."""
+    from longrec.ops import dispatch
+
+    with dispatch.using(dispatch.KERNELS[0]):  # auto, the default
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: intra-op threads only add overhead, and oversubscribe a busy machine."""

@@ -32,6 +32,7 @@ from longrec.models.base import DataSchema
         ("train.device=cuda:x", "train.device"),
         ("train.precision=fp16", "train.precision = 'fp16': expected auto, fp32, bf16"),
         ("train.bf16=1", "train.bf16 = 1 is not a bool"),
+        ("train.kernels=fast", "train.kernels = 'fast': expected auto, reference, native"),
     ],
 )
 def test_settings_no_run_can_use_are_refused(setting, named):
@@ -103,6 +104,7 @@ def test_server_options_are_checked_before_anything_loads(run_cli, tmp_path):
         (["--precision", "fp16"], "--precision = 'fp16': expected auto, fp32, bf16"),
         (["--bf16", "--precision", "fp32"], "--bf16 contradicts --precision fp32"),
         (["--device", "tpu"], "--device = 'tpu': expected auto, cpu, cuda or cuda:N"),
+        (["--kernels", "fast"], "--kernels = 'fast': expected auto, reference, native"),
     ):
         r = run_cli("serve", "--run", tmp_path, "--history", f"lmdb://{tmp_path}/h", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -132,6 +134,10 @@ def test_eval_beyond_what_the_model_reads_says_so(prepared_taobao, tmp_path, run
     assert r.returncode == 0 and "reads at most its 50 most recent behaviours" in r.stderr
     r = run_cli("eval", "--run", run, "--max-len", "0")
     assert r.returncode == 2 and "--max-len 0 must be at least 1" in r.stderr
+    r = run_cli("eval", "--run", run, "--kernels", "fast")
+    assert r.returncode == 2 and "--kernels = 'fast': expected auto" in r.stderr, r.stderr
+    r = run_cli("eval", "--run", run, "--kernels", "reference")
+    assert r.returncode == 0, r.stderr
     r = run_cli("eval", "--run", run, "--device", "cuda:99")
     assert r.returncode == 2 and "--device = cuda:99: " in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

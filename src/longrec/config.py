@@ -67,6 +67,10 @@ class TrainConfig:
     # The run's log.jsonl and its first stderr line say what auto chose (longrec/runtime.py)
     precision: str = "auto"
     compile: str = "none"  # "none" | "dense": torch.compile the dense stacks (train/compile.py)
+    # auto | reference | native: the C++ kernels where they apply, plain PyTorch everywhere, or
+    # the C++ kernels with an error where they cannot run (longrec/ops/dispatch.py); the same
+    # results to float rounding. Supersedes model.params.fused_kernels
+    kernels: str = "auto"
     loss_reduction: str = "mean"  # "mean" over targets | "per_user": mean per request, then mean
     eval_every: int = 150  # validate every N steps (DARE: 150)
     select_by: str = "auc"  # "auc" | "gauc": best checkpoint by this validation metric
@@ -189,6 +193,7 @@ def resolve(config_file: str | Path | None, overrides: list[str], **direct: Any)
 
 def build_config(raw: dict) -> RunConfig:
     """A RunConfig from a full config dict, every field's type and range checked."""
+    from longrec.ops.dispatch import check_kernels
     from longrec.runtime import check_device, check_precision
 
     cfg = RunConfig.from_dict(raw)
@@ -196,6 +201,7 @@ def build_config(raw: dict) -> RunConfig:
     _check_ranges(cfg)
     check_device(cfg.train.device, "config: train.device")
     check_precision(cfg.train.precision, "config: train.precision")
+    check_kernels(cfg.train.kernels, "config: train.kernels")
     return cfg
 
 

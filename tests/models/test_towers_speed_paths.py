@@ -1,6 +1,7 @@
-"""The two-stage towers' speed paths change nothing but speed: the C++ row kernels
-(`fused_kernels`), the fused soft search (`fused_search`) and the single table lookup for history and targets in training give the
-logits and parameter gradients of the plain PyTorch path."""
+"""The two-stage towers' speed paths change nothing but speed: the C++ kernels (train.kernels,
+ops.dispatch; the superseded `fused_kernels`), the fused soft search (`fused_search`) and the
+single table lookup for history and targets in training give the logits and parameter
+gradients of the plain PyTorch path."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from longrec.models import build_model
 from longrec.nn import search_attention
+from longrec.ops import dispatch
 
 MODELS = ["dare", "twin", "twin_4e", "twin_proj", "twin_hard"]
 
@@ -49,6 +51,29 @@ def test_fused_kernels_equal_plain_pytorch(name, fast, slow, schema, batch):
     _assert_same(_grads(fused, *out_f), _grads(plain, *out_p))
     with torch.no_grad():
         torch.testing.assert_close(fused(batch), plain(batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_kernels_switch_gives_the_same_loss_and_gradients(name, schema, batch, helpers):
+    """train.kernels (ops.dispatch): one model's training loss and every parameter gradient
+    under kernels=native and kernels=reference, and its inference logits (the search reads the
+    tables at the raw ids). Float32 on both sides, summed in another order: float rounding."""
+    torch.manual_seed(0)
+    model = build_model(name, schema)
+    params = [p for p in model.parameters() if p.requires_grad]
+    runs = {}
+    for setting in ("native", "reference"):
+        with dispatch.using(setting):
+            _, loss = helpers["training_loss"](model, batch)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            with torch.no_grad():
+                logits = model(batch)
+        runs[setting] = (loss.detach(), grads, logits)
+    (loss_n, grads_n, logits_n), (loss_r, grads_r, logits_r) = runs.values()
+    torch.testing.assert_close(loss_n, loss_r, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(logits_n, logits_r, rtol=1e-5, atol=1e-6)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    _assert_same(dict(zip(names, grads_n, strict=True)), dict(zip(names, grads_r, strict=True)))
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -8,6 +8,7 @@ from torch import nn
 
 from longrec.nn import row_kernels
 from longrec.nn.prelu import PReLU
+from longrec.ops import dispatch
 
 
 def test_the_kernel_path_is_taken():
@@ -17,18 +18,23 @@ def test_the_kernel_path_is_taken():
     assert type(PReLU(init=0.1)(x).grad_fn).__name__.startswith("_OneWeightPReLU")
 
 
-@pytest.mark.parametrize("shape", [(2048, 200), (7, 3), (3, 40, 36)])
-def test_gradients_match_nn_prelu(shape):
+@pytest.mark.parametrize("shape", [(2048, 200), (7, 3), (3, 40, 36), (0, 5), (1, 1)])
+@pytest.mark.parametrize("setting", ["native", "reference"])
+def test_gradients_match_nn_prelu(shape, setting):
+    """Under both kernels settings (ops.dispatch), so native and reference agree through it."""
     torch.manual_seed(0)
     x = torch.randn(shape)
     x.view(-1)[::5] = 0.0  # the kink: x = 0 takes the weight's side in both
     grad = torch.randn(shape)
     ours, reference = PReLU(init=0.1), nn.PReLU(init=0.1)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ours(xa), reference(xb)
-    torch.testing.assert_close(ya, yb)
-    ya.backward(grad)
-    yb.backward(grad)
+    with dispatch.using(setting):
+        ya, yb = ours(xa), reference(xb)
+        kernel = type(ya.grad_fn).__name__.startswith("_OneWeightPReLU")
+        assert kernel == (setting == "native")
+        torch.testing.assert_close(ya, yb)
+        ya.backward(grad)
+        yb.backward(grad)
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-3)
 

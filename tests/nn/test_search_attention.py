@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from longrec.nn import row_kernels, search_attention
-from longrec.nn.attention import masked_softmax
-from longrec.nn.search import topk_search
+from longrec.ops import dispatch
 
 CASES = [  # (batch B, targets M, history L, k, distinct rows per field, with a position field,
     #         every row width (None: mixed widths))
@@ -54,7 +53,8 @@ def _case(b, m, length, k, uniq, pos, width=None, seed=0, shared_pos=False):
         query[-1] = torch.randn(1, 1, attn[-1].shape[1], generator=g)
     scale = [0.5] * len(uniq) + ([0.7] if pos else [])
     mask = torch.rand(b, length, generator=g) < 0.8
-    mask[0] = False  # an all-padding history
+    if b > 0:
+        mask[0] = False  # an all-padding history
     if b > 1:
         mask[1, 2:] = False  # fewer real behaviours than k
     params = [t.requires_grad_() for t in (*attn, *repr_, *query)]
@@ -62,27 +62,10 @@ def _case(b, m, length, k, uniq, pos, width=None, seed=0, shared_pos=False):
 
 
 def _reference(attn, repr_, index, query, scale, mask, k):
-    b, length = mask.shape
-    m = query[0].shape[1]
-    s = 0
-    for a, i, q, c in zip(attn, index, query, scale, strict=True):
-        q = q.expand(b, m, -1)
-        rows = a[i] if i is not None else a[:length].expand(b, length, -1)
-        s = s + c * torch.einsum("bmd,bld->bml", q, rows)
-    idx, valid = topk_search(s, mask, k)
-    w_top = masked_softmax(torch.gather(s, 2, idx), valid)
-    w_all = masked_softmax(s, mask)
-    top, full = [], []
-    for r, i in zip(repr_, index, strict=True):
-        rows = r[i] if i is not None else r[:length].expand(b, length, -1)
-        picked = torch.gather(
-            rows.unsqueeze(1).expand(-1, idx.shape[1], -1, -1),
-            2,
-            idx.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1]),
-        )
-        top.append((w_top.unsqueeze(-1) * picked).sum(2))
-        full.append(w_all @ rows)
-    return torch.cat(top, -1), torch.cat(full, -1), idx, valid
+    """The library's reference path (the kernels=reference twin), with the full pooling."""
+    return search_attention.search_attend_reference(
+        attn, repr_, index, query, scale, mask, k, full=True
+    )
 
 
 # every case with its own per-target position queries, and the position cases also with the
@@ -122,6 +105,53 @@ def test_fused_search_equals_pytorch_in_float64(
     )
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max()))
+
+
+# the switch's edge cases besides CASES: one user, an empty batch, empty histories, one row
+EDGES = [(1, 2, 9, 4, (1,), True, None), (0, 2, 9, 4, (6,), True, None)]
+EDGES += [(3, 2, 0, 4, (6, 2), True, None), (4, 1, 12, 3, (1, 1), False, 16)]
+
+
+@pytest.mark.parametrize("b,m,length,k,uniq,pos,width", CASES + EDGES)
+@pytest.mark.parametrize("full", [True, False])
+def test_native_and_reference_agree_through_the_switch(
+    b, m, length, k, uniq, pos, width, full, backward_mode
+):
+    """search_attend under kernels=native and kernels=reference (ops.dispatch), both float32:
+    outputs, the selected behaviours and every gradient."""
+
+    def run(setting):
+        attn, repr_, index, query, scale, mask, params = _case(b, m, length, k, uniq, pos, width)
+        with dispatch.using(setting):
+            top, pooled_all, idx, valid = search_attention.search_attend(
+                attn, repr_, index, query, scale, mask, k, full
+            )
+        kernel = type(top.grad_fn).__name__ == "_SearchAttendBackward"
+        assert kernel == (setting == "native" and b > 0)  # empty batches: nothing to compute
+        outs = [top] + ([pooled_all] if full else [])
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [
+            torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads, strict=True)
+        ]
+        # the behaviours picked, as each field's ids (the order within the top k may differ,
+        # and so may the positions picked among equal scores: repeated ids)
+        picked = [
+            torch.where(valid, i.unsqueeze(1).expand(-1, idx.shape[1], -1).gather(2, idx), -1)
+            if i is not None
+            else torch.where(valid, idx, -1)
+            for i in index
+        ]
+        picked = torch.stack([p.sort(-1).values for p in picked])
+        return [o.detach() for o in outs], picked, valid, grads
+
+    native, reference = run("native"), run("reference")
+    assert torch.equal(native[1], reference[1]) and torch.equal(native[2], reference[2])
+    # float32 on both sides, summed in another order: rounding relative to the largest term
+    for a, e in zip(native[0] + native[3], reference[0] + reference[3], strict=True):
+        largest = e.abs().max().item() if e.numel() else 0.0
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * max(1.0, largest))
 
 
 def test_without_the_full_pooling_only_the_top_k_is_computed(backward_mode):

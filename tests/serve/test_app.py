@@ -13,6 +13,7 @@ from longrec.config import resolve
 from longrec.data.batch import Batch
 from longrec.data.dataset import PreparedDataset
 from longrec.data.vocab import load_vocab
+from longrec.ops import dispatch
 from longrec.runtime import resolve_precision
 from longrec.serve.app import create_app
 from longrec.serve.history import open_history
@@ -220,6 +221,22 @@ def test_precision_bf16_scores_within_tolerance_or_is_dropped(served):
     assert strict.rank(users[0], items, now) == fp32.rank(users[0], items, now)
     auto = ranker(precision="auto")
     assert auto.runtime.precision == resolve_precision("auto", torch.device("cpu"))[0]
+
+
+def test_the_ranker_scores_the_same_under_both_kernels_settings(served):
+    """RankerConfig.kernels (`longrec serve --kernels`, ops.dispatch): C++ or PyTorch ops give
+    the same scores to float rounding."""
+    ds, run, store = served["dataset"], served["run"], served["ranker"].history
+    user = next(u for u, i in load_vocab(ds.root, "user").items() if i >= 2)
+    items = [k for k, v in load_vocab(ds.root, "item").items() if v >= 2][:30]
+    now = int(ds.store.ts[-1]) + 60
+    scores = {}
+    for kernels in ("native", "reference"):
+        config = RankerConfig(micro_batch=1, cache_bytes=0, device="cpu", kernels=kernels)
+        ranker = Ranker.from_run(run, history=store, config=config)
+        assert dispatch.kernels() == kernels
+        scores[kernels] = ranker.rank(user, items, now)
+    np.testing.assert_allclose(scores["native"], scores["reference"], rtol=1e-5, atol=1e-6)
 
 
 def test_metrics_are_prometheus_text(served):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from longrec.nn import row_kernels
+from longrec.ops import dispatch
 from longrec.train.rowwise_adagrad import RowwiseAdagrad
 
 LR, EPS = 0.05, 1e-10
@@ -69,13 +70,19 @@ def test_untouched_rows_and_their_state_stay_put():
 
 
 @pytest.mark.parametrize("rows", [12, 5000])  # 5000: rows across many bitmap words
-def test_cpp_and_pytorch_paths_agree(rows, monkeypatch):
+def test_cpp_and_pytorch_paths_agree(rows):
+    """kernels=native against kernels=reference (ops.dispatch), with an empty step and one
+    row repeated among the steps."""
     assert row_kernels.available()
     steps = _steps(rows, seed=1)
-    fused, _ = _run(steps, rows=rows)
-    monkeypatch.setattr(row_kernels, "applicable", lambda *tensors: False)
-    plain, _ = _run(steps, rows=rows)
+    steps += [torch.tensor([], dtype=torch.long), torch.tensor([0, 0])]
+    with dispatch.using("native"):
+        fused, fused_opt = _run(steps, rows=rows)
+    with dispatch.using("reference"):
+        plain, plain_opt = _run(steps, rows=rows)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    state = [next(iter(o.state.values()))["sum"] for o in (fused_opt, plain_opt)]
+    torch.testing.assert_close(*state, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_input_is_refused():

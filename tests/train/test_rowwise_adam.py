@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from longrec.nn import row_kernels
+from longrec.ops import dispatch
 from longrec.train import rowwise_adam
 from longrec.train.rowwise_adam import RowwiseAdam
 
@@ -50,14 +51,33 @@ def test_repeated_ids_are_summed_like_sparse_adam():
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)  # float rounding; a step is 0.05
 
 
-def test_cpp_and_pytorch_paths_agree(monkeypatch):
+def _both(steps, **kw):
+    """The table after `steps` under kernels=native and kernels=reference (ops.dispatch)."""
+    with dispatch.using("native"):
+        fused, _ = _run(steps, **kw)
+    with dispatch.using("reference"):
+        plain, _ = _run(steps, **kw)
+    return fused, plain
+
+
+def test_cpp_and_pytorch_paths_agree():
     assert row_kernels.available()
     steps = [torch.randint(0, 12, (9,)) for _ in range(4)]
     steps.insert(2, torch.tensor([1, 4, 5, 11]))  # increasing ids: the kernel's no-order path
-    fused, _ = _run(steps)
-    monkeypatch.setattr(rowwise_adam, "_fused", lambda *a: False)
-    plain, _ = _run(steps)
+    steps.insert(3, torch.tensor([], dtype=torch.long))  # a step without rows
+    steps.insert(1, torch.tensor([0, 0, 0]))  # one row, repeated
+    fused, plain = _both(steps)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_the_kernel_runs_under_native(monkeypatch):
+    calls = []
+    monkeypatch.setattr(rowwise_adam, "update_rows", lambda *a, **k: calls.append(1))
+    with dispatch.using("native"):
+        _run([torch.tensor([1, 2])])
+    with dispatch.using("reference"):
+        _run([torch.tensor([1, 2])])
+    assert calls == [1]
 
 
 def test_bad_settings_are_refused():
@@ -65,16 +85,13 @@ def test_bad_settings_are_refused():
         RowwiseAdam([nn.Parameter(torch.zeros(2, 2))], lr=-1.0)
 
 
-def test_cpp_path_orders_rows_across_bitmap_words_and_tables_of_any_size(monkeypatch):
+def test_cpp_path_orders_rows_across_bitmap_words_and_tables_of_any_size():
     """Rows far apart (many 64-row bitmap words), repeats, then a smaller and a larger table:
     the kernel's persistent bitmap must be left clear by every call."""
     assert row_kernels.available()
     for rows in (5000, 70, 9000):
         steps = [torch.randint(0, rows, (300,)) for _ in range(3)]
-        fused, _ = _run(steps, rows=rows)
-        monkeypatch.setattr(rowwise_adam, "_fused", lambda *a: False)
-        plain, _ = _run(steps, rows=rows)
-        monkeypatch.undo()
+        fused, plain = _both(steps, rows=rows)
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from longrec.config import resolve
 from longrec.nn import row_kernels
 from longrec.nn.embedding import RowTable
+from longrec.ops import dispatch
 from longrec.train.loop import Trainer
 from longrec.train.optim import clip_grad_norm_
 from longrec.train.table_adam import TableAdam, use_sparse_table_grads
@@ -31,18 +32,30 @@ def _pair(seed=0, **kw):
     return ours, TableAdam([ours], lr=0.05, **kw), ref, torch.optim.Adam([ref], lr=0.05, **kw)
 
 
-def test_sparse_gradients_step_like_adam_on_the_dense_ones():
-    """Repeated ids, any order, and steps that leave rows out (their moments decay, they move)."""
+@pytest.mark.parametrize("setting", ["native", "reference"])
+def test_sparse_gradients_step_like_adam_on_the_dense_ones(setting, monkeypatch):
+    """Repeated ids, any order, and steps that leave rows out (their moments decay, they move);
+    through the kernel (kernels=native) and through torch.optim.Adam (reference)."""
     assert row_kernels.available()
+    kernel_steps = []  # the kernel's steps (TableAdam._sparse_step)
+    original = TableAdam._sparse_step
+
+    def counted(self, *a):
+        kernel_steps.append(1)
+        original(self, *a)
+
+    monkeypatch.setattr(TableAdam, "_sparse_step", counted)
     ours, opt, ref, ref_opt = _pair()
     g = torch.Generator().manual_seed(1)
-    for ids in ([5, 3, 5, 39, 0], [7], list(range(ROWS)), [38, 2, 2, 2]):
-        values = torch.randn(len(ids), DIM, generator=g)
-        ours.grad = _sparse(ids, values)
-        ref.grad = _sparse(ids, values).to_dense()
-        opt.step()
-        ref_opt.step()
-        torch.testing.assert_close(ours, ref, **TOL)
+    with dispatch.using(setting):
+        for ids in ([5, 3, 5, 39, 0], [7], list(range(ROWS)), [38, 2, 2, 2]):
+            values = torch.randn(len(ids), DIM, generator=g)
+            ours.grad = _sparse(ids, values)
+            ref.grad = _sparse(ids, values).to_dense()
+            opt.step()
+            ref_opt.step()
+            torch.testing.assert_close(ours, ref, **TOL)
+    assert len(kernel_steps) == (4 if setting == "native" else 0)
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(opt.state[ours][key], ref_opt.state[ref][key], **TOL)
     assert float(opt.state[ours]["step"]) == 4

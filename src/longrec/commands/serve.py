@@ -44,6 +44,10 @@ def serve_command(
         typer.Option(help="auto | fp32 | bf16 (bf16 kept only within tolerance of fp32)"),
     ] = "auto",
     bf16: Annotated[bool, typer.Option(help="the same as --precision bf16")] = False,
+    kernels: Annotated[
+        str,
+        typer.Option(help="auto | reference | native: C++ kernels where they apply, or PyTorch"),
+    ] = "auto",
     micro_batch: Annotated[
         int, typer.Option(help="concurrent requests run as one forward pass (1 = off)")
     ] = 8,
@@ -65,6 +69,7 @@ def serve_command(
         raise UserError("longrec serve needs --run and --history (see longrec serve --help)")
     import uvicorn
 
+    from longrec.ops.dispatch import check_kernels
     from longrec.runtime import check_precision, resolve_device
     from longrec.serve.app import create_app
     from longrec.serve.ranker import Ranker, RankerConfig
@@ -87,12 +92,14 @@ def serve_command(
         precision = "bf16"
     check_precision(precision, "--precision")
     resolve_device(device, "--device")
+    check_kernels(kernels, "--kernels")
     config = RankerConfig(
         max_len=max_len,
         max_candidates=max_candidates,
         cache_bytes=cache_mb << 20,
         device=device,
         precision=precision,
+        kernels=kernels,
         micro_batch=micro_batch,
         micro_batch_wait_ms=micro_batch_wait_ms,
     )

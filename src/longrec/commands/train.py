@@ -119,23 +119,33 @@ def eval_command(
     device: Annotated[
         str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: the GPU if there is one)")
     ] = "auto",
+    kernels: Annotated[
+        str | None,
+        typer.Option(help="auto | reference | native (default: the run's train.kernels)"),
+    ] = None,
 ) -> None:
     import sys
 
     from longrec.data.dataset import PreparedDataset
     from longrec.errors import UserError
+    from longrec.ops import dispatch
     from longrec.runtime import resolve_device
     from longrec.train.evaluate import evaluate_split, model_runtime
     from longrec.train.run_dir import load_run
 
     if max_len is not None and max_len < 1:
         raise UserError(f"--max-len {max_len} must be at least 1")
+    if kernels is not None:
+        dispatch.check_kernels(kernels, "--kernels")
     where = resolve_device(device, "--device")
     model, cfg, schema = load_run(run, device=where)
     if data is not None:
         cfg.data.path = str(data)
     if max_len is not None:
         cfg.data.max_len = max_len
+    name = "train.kernels" if kernels is None else "--kernels"
+    setting = cfg.train.kernels if kernels is None else kernels
+    dispatch.set_kernels(dispatch.for_run(setting, cfg.model.params, name))
     dataset = PreparedDataset(cfg.data.path)
     dataset.check_belongs(schema.fingerprint, schema.fields, str(run))
     cap = model.history_cap()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +24,7 @@ from longrec.data.dataset import PreparedDataset
 from longrec.data.lengths import LengthSampling, bucketed_batches, sample_lengths
 from longrec.errors import UserError
 from longrec.nn import row_kernels
+from longrec.ops import dispatch
 
 _SAMPLE_COLUMNS = {"user", "hist_end", "target_ts", "label", "request_id"}
 
@@ -91,6 +92,45 @@ def rows_per_epoch(cols: dict[str, np.ndarray], layout: str, world_size: int = 1
         rid = cols["request_id"]
         n = 1 + int(np.count_nonzero(rid[1:] != rid[:-1]))
     return n // world_size if world_size > 1 else n
+
+
+def ranges_taker(
+    lo: torch.Tensor, end: torch.Tensor, length: int
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """(take, mask [B, L]): take(values) is [B, L, ...], rows [lo[b], end[b]) of `values` at the
+    end of row b, zeros before (left-padded histories). With the C++ kernel (ops.dispatch), one
+    copy per history (row_kernels.gather_ranges: 3-5x faster, and single-threaded, so that the
+    prefetch thread does not compete with the training step's threads). Else dense batches
+    gather a [B, L] index matrix; mostly-padding batches (long max_len, short histories)
+    gather only the real behaviours and scatter them into zero-filled outputs."""
+
+    n = end - lo
+    b = len(n)
+    mask = torch.arange(length)[None, :] >= (length - n)[:, None]
+    total = int(n.sum())
+    if dispatch.use_native("gather_ranges", index=(lo, end)):
+
+        def take(arr: torch.Tensor) -> torch.Tensor:
+            return row_kernels.gather_ranges(arr, lo, end, length)
+
+    elif total >= 0.6 * b * length:
+        idx = end[:, None] - length + torch.arange(length)[None, :]
+        idx = torch.where(mask, idx, torch.zeros((), dtype=idx.dtype))
+
+        def take(arr: torch.Tensor) -> torch.Tensor:
+            vals = arr[idx]
+            return vals * (mask if vals.dim() == 2 else mask[..., None])
+
+    else:
+        row_start = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n, output_size=total)
+        src = torch.arange(total) + row_start
+
+        def take(arr: torch.Tensor) -> torch.Tensor:
+            vals = arr[src]
+            shaped = mask if vals.dim() == 1 else mask[..., None].expand(b, length, *vals.shape[1:])
+            return vals.new_zeros(shaped.shape).masked_scatter_(shaped, vals)
+
+    return take, mask
 
 
 class BatchLoader:
@@ -222,39 +262,9 @@ class BatchLoader:
         )
 
     def _gather_history(self, lo: torch.Tensor, end: torch.Tensor, length: int):
-        """Left-padded [B, L] history fields. With the C++ extension, one copy per history
-        (row_kernels.gather_ranges: 3-5x faster, and single-threaded, so that the prefetch
-        thread does not compete with the training step's threads). Else dense batches gather a
-        [B, L] index matrix; mostly-padding batches (long max_len, short histories) gather only
-        the real behaviours and scatter them into zero-filled outputs."""
-        n = end - lo
-        b = len(n)
-        mask = torch.arange(length)[None, :] >= (length - n)[:, None]
-        total = int(n.sum())
-        if row_kernels.available():
-
-            def take(arr: torch.Tensor) -> torch.Tensor:
-                return row_kernels.gather_ranges(arr, lo, end, length)
-
-        elif total >= 0.6 * b * length:
-            idx = end[:, None] - length + torch.arange(length)[None, :]
-            idx = torch.where(mask, idx, torch.zeros((), dtype=idx.dtype))
-
-            def take(arr: torch.Tensor) -> torch.Tensor:
-                vals = arr[idx]
-                return vals * (mask if vals.dim() == 2 else mask[..., None])
-
-        else:
-            row_start = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n, output_size=total)
-            src = torch.arange(total) + row_start
-
-            def take(arr: torch.Tensor) -> torch.Tensor:
-                vals = arr[src]
-                shaped = (
-                    mask if vals.dim() == 1 else mask[..., None].expand(b, length, *vals.shape[1:])
-                )
-                return vals.new_zeros(shaped.shape).masked_scatter_(shaped, vals)
-
+        """Left-padded [B, L] history fields (`ranges_taker`)."""
+        b = len(lo)
+        take, mask = ranges_taker(lo, end, length)
         history = {name: take(arr) for name, arr in self._store.items()}
         if self.cfg.history_ts:
             return history, take(self._ts), mask

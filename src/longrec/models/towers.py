@@ -29,6 +29,7 @@ from longrec.data.batch import Batch
 from longrec.nn import row_kernels
 from longrec.nn.embedding import RowTable, gather_rows, rows_and_picks, table_rows
 from longrec.nn.temporal import relative_positions
+from longrec.ops import dispatch
 
 ROLES = ("attn_hist", "attn_tgt", "repr_hist", "repr_tgt")
 COUPLINGS = ("decoupled", "shared", "four", "projection")
@@ -40,7 +41,7 @@ def dedup(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     (row_kernels.dedup_ids) or in PyTorch. Increasing order keeps the passes over a table's
     rows in address order. The padding id 0 always comes first, present or not: a sparse
     table gradient drops it by slicing (nn.embedding._LookupDistinctRowsSparse)."""
-    if ids.device.type == "cpu" and row_kernels.available():
+    if dispatch.use_native("dedup_ids", index=(ids,)):
         return row_kernels.dedup_ids(ids, vocab, include=0)
     flat = ids.reshape(-1).long()
     seen = torch.zeros(vocab, dtype=torch.bool, device=ids.device)
@@ -81,7 +82,7 @@ class HistoryField:
             and self.value_mask is None
             and self.gathered is None
             and self.inverse.dtype == torch.int64  # the row kernels index with int64 only
-            and row_kernels.applicable(self.rows, x)
+            and dispatch.use_native("gather_dot / gather_pool", self.rows, x)
         )
 
     def _pool_values(self, x: Tensor, vmask: Tensor | None) -> Tensor:
@@ -386,7 +387,7 @@ class Towers(nn.Module):
                 out[f] = (*dedup(hist, self.vocab[f]), None)
                 continue
             tgt = batch.target[f]
-            if hist.device.type == "cpu" and row_kernels.available():  # no concatenation
+            if dispatch.use_native("dedup_parts", index=(hist, tgt)):  # no concatenation
                 uniq, (h_inv, t_inv) = row_kernels.dedup_parts([hist, tgt], self.vocab[f], 0)
                 out[f] = (uniq, h_inv, t_inv)
                 continue

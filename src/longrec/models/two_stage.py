@@ -29,6 +29,7 @@ from longrec.nn.attention import masked_softmax
 from longrec.nn.embedding import init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
 from longrec.nn.search import hard_rank, hard_search, topk_search
+from longrec.ops import dispatch
 
 
 @dataclass
@@ -52,7 +53,10 @@ class TwoStageParams:
     init_std: float = 0.01  # N(0, 0.01) for every non-bias parameter, as in DARE
     # Speed only (same results to float rounding): scores and poolings read the distinct rows
     # with the C++ kernels of nn.row_kernels instead of gathering [B, L, d]; the soft search
-    # with both its poolings runs as one C++ pass per user (nn.search_attention).
+    # with both its poolings runs as one C++ pass per user (nn.search_attention). Superseded
+    # by train.kernels (ops.dispatch), which chooses every kernel: still read from older run
+    # configs, where false keeps this model's kernels off and makes the Trainer, `longrec eval`
+    # and the ranker run the whole run as kernels=reference (ops.dispatch.for_run).
     fused_kernels: bool = True
     fused_search: bool = True  # with fused_kernels: the soft search by nn.search_attention
     # with fused_search, in training: the search reads the tables at the batch's ids instead
@@ -128,7 +132,8 @@ class TwoStageModel(SequenceModel):
 
     def _fuses_search(self) -> bool:
         p = self.params
-        return p.search == "soft" and p.fused_kernels and p.fused_search and self.sink is None
+        on = p.fused_kernels and p.fused_search and dispatch.kernels() != "reference"
+        return p.search == "soft" and on and self.sink is None
 
     def score(self, state: UserState, batch: Batch) -> Tensor:
         return self._run(state, batch, aux=False)[0]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from longrec.nn import row_kernels
+from longrec.ops import dispatch
 
 
 def init_normal(module: nn.Module, std: float) -> None:
@@ -103,7 +104,11 @@ def _lookup_forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None) -
     ctx.save_for_backward(ids)
     ctx.shape, ctx.padding_idx = weight.shape, padding_idx
     flat = ids.reshape(-1)
-    if flat.numel() > 4096 and weight.is_contiguous() and row_kernels.applicable(weight):
+    if (
+        flat.numel() > 4096
+        and weight.is_contiguous()
+        and dispatch.use_native("lookup_rows", weight)
+    ):
         # prefetched rows: 4% of a DARE step at 6.2M items (index_select: 4-6 ms a lookup)
         return row_kernels.lookup_rows(weight, flat).view(*ids.shape, weight.shape[1])
     return _take(weight, ids)
@@ -126,7 +131,7 @@ class _LookupRows(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         # a contiguous source: index_add_ takes a slow per-row path for strided ones (6x here)
         flat = grad.reshape(-1, ctx.shape[1]).contiguous()
-        if ctx.distinct and row_kernels.applicable(flat):
+        if ctx.distinct and dispatch.use_native("scatter_distinct_rows", flat):
             out = row_kernels.scatter_distinct_rows(ids.reshape(-1), flat, ctx.shape[0])
         else:
             out = grad.new_zeros(ctx.shape)
@@ -270,7 +275,7 @@ def table_rows(table: RowTable, ids: Tensor, target_ids: Tensor, target_index: T
         table.max_norm is not None
         or table.scale_grad_by_freq
         or not (torch.is_grad_enabled() and w.requires_grad)
-        or not (w.is_contiguous() and row_kernels.applicable(w))
+        or not (w.is_contiguous() and dispatch.use_native("table_rows", w))
         or ids.dim() != 1
     ):
         return None

@@ -3,8 +3,9 @@
 Why: PyTorch's CPU backward of a one-weight PReLU took 1.2 ms on DARE's [2048, 200] hidden
 layer (3.6 ms of a 67 ms training step for the two heads' three PReLUs); the kernel does the
 same in one vectorised pass. Same parameters and state_dict as `nn.PReLU`, and the same
-results to float rounding (the weight's gradient is summed in another order); other dtypes,
-devices, several weights or no extension take `nn.PReLU`'s own path.
+results to float rounding (the weight's gradient is summed in another order); several weights,
+or where ops.dispatch says no (`train.kernels`, other dtypes or devices, no extension), take
+`nn.PReLU`'s own path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from longrec.nn import row_kernels
+from longrec.ops import dispatch
 
 
 class _OneWeightPReLU(torch.autograd.Function):
@@ -26,7 +28,7 @@ class _OneWeightPReLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        if grad.shape != x.shape or not row_kernels.applicable(grad):
+        if grad.shape != x.shape or not dispatch.use_native("prelu_backward", grad):
             # under autocast the incoming gradient can be bf16: PyTorch's own backward
             with torch.enable_grad():
                 xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
@@ -42,7 +44,7 @@ class PReLU(nn.PReLU):
             self.num_parameters == 1
             and torch.is_grad_enabled()
             and x.is_contiguous()
-            and row_kernels.applicable(x, self.weight)
+            and dispatch.use_native("prelu_backward", x, self.weight)
         ):
             return _OneWeightPReLU.apply(x, self.weight)
         return super().forward(x)

@@ -8,15 +8,13 @@ row's gradient in place, prefetching the rows a few behaviours ahead.
 
 The extension is compiled with the system's C++ compiler the first time it is needed (about 40
 seconds) and cached under $TORCH_EXTENSIONS_DIR (the Makefile points it into `.cache/`; PyTorch's
-default is ~/.cache/torch_extensions). Where it cannot be built or used (no compiler, other
-dtypes than float32, non-CPU tensors) callers fall back to the equivalent PyTorch operations;
-`LONGREC_FUSED_KERNELS=0` forces that fallback.
+default is ~/.cache/torch_extensions). Whether a caller runs a kernel or the equivalent PyTorch
+operations is decided by longrec.ops.dispatch (`train.kernels`: auto | reference | native).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +22,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from longrec.ops import dispatch
 
 log = logging.getLogger(__name__)
 SOURCES = [
@@ -40,8 +40,6 @@ SOURCES = [
 
 @cache
 def _extension() -> ModuleType | None:
-    if os.environ.get("LONGREC_FUSED_KERNELS", "1") == "0":
-        return None
     from torch.utils import cpp_extension
 
     try:
@@ -60,12 +58,14 @@ def _extension() -> ModuleType | None:
 
 
 def available() -> bool:
+    """Whether the extension is built (building it on first call), whatever the setting."""
     return _extension() is not None
 
 
 def applicable(*tensors: Tensor) -> bool:
-    """True when the kernels are built and can take these tensors (float32 on the CPU)."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+    """Whether the row kernels run on these tensors under the kernels setting
+    (ops.dispatch.use_native)."""
+    return dispatch.use_native("row kernels", *tensors)
 
 
 class _Gather(torch.autograd.Function):

@@ -8,8 +8,9 @@ thread-local buffer, and the backward pass reads each behaviour's rows once per 
 
 A history is a list of fields: attention rows [U, da] and representation rows [U, dr] at one
 index [B, L] into them (None: row l is position l, for position tables), a per-target query
-[B, M, da] and a score scale. Same results as the PyTorch path to float rounding (tests in
-tests/nn/test_search_attention.py); float32 CPU tensors only (`applicable`).
+[B, M, da] and a score scale. Same results as the PyTorch path (`search_attend_reference`)
+to float rounding (tests/nn/test_search_attention.py, tests/ops/test_parity.py); float32 CPU
+tensors only. Which one runs is ops.dispatch's choice (`train.kernels`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from longrec.nn import row_kernels
+from longrec.nn.attention import masked_softmax
+from longrec.nn.search import topk_search
+from longrec.ops import dispatch
 
 _NO_INDEX = torch.empty(0, dtype=torch.long)
 
@@ -103,8 +107,8 @@ def grad_rows(attn: list[Tensor], grad_index: list[Tensor]) -> list[int]:
 
 
 def applicable(*tensors: Tensor) -> bool:
-    """Whether the kernel can take these tensors (float32 on the CPU, extension built)."""
-    return row_kernels.applicable(*tensors)
+    """Whether the kernel runs on these tensors under the kernels setting (ops.dispatch)."""
+    return dispatch.use_native("search_attend", *tensors)
 
 
 def search_attend(
@@ -125,9 +129,17 @@ def search_attend(
     `tables[f]` = (attention table, representation table, grad index [B, L] int64): field f's
     rows are read from the tables at `index` (the batch's ids), and attn[f] / repr_[f] are the
     batch's distinct rows' stand-ins [U, d] (nn.embedding.table_rows), whose gradients are
-    added at grad index. Training then copies no rows out of the tables."""
+    added at grad index. Training then copies no rows out of the tables.
+
+    Where the kernel does not run (ops.dispatch; an empty batch), `search_attend_reference`
+    computes the same; fields read from their tables need the kernel."""
     n = len(attn)
     tables = tables or [None] * n
+    # an empty batch has nothing to compute, and its empty index would read as "no index"
+    if mask.shape[0] == 0 or not applicable(*attn, *repr_, *query):
+        if mask.shape[0] and any(t is not None for t in tables):
+            raise RuntimeError("fields read from their tables need the fused search kernel")
+        return search_attend_reference(attn, repr_, index, query, scale, mask, k, full)
     index = [_NO_INDEX if i is None else i.contiguous() for i in index]
     read_a = [a if t is None else t[0].detach() for a, t in zip(attn, tables, strict=True)]
     read_r = [r if t is None else t[1].detach() for r, t in zip(repr_, tables, strict=True)]
@@ -138,3 +150,40 @@ def search_attend(
         n, [float(s) for s in scale], mask.contiguous(), k, full, *tensors
     )
     return top, (pooled_all if full else None), idx, valid
+
+
+def search_attend_reference(
+    attn: list[Tensor],
+    repr_: list[Tensor],
+    index: list[Tensor | None],
+    query: list[Tensor],
+    scale: list[float],
+    mask: Tensor,
+    k: int,
+    full: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """search_attend in PyTorch operations (the reference path; any dtype and device): each
+    field gathered to [B, L, d], scores, `topk_search`, `masked_softmax` and the poolings."""
+    b, length = mask.shape
+    m = max(q.shape[1] for q in query)
+    s: Tensor | float = 0.0
+    gathered = []
+    for a, r, i, q, c in zip(attn, repr_, index, query, scale, strict=True):
+        rows_a = a[i] if i is not None else a[:length].expand(b, length, -1)
+        gathered.append(r[i] if i is not None else r[:length].expand(b, length, -1))
+        s = s + c * torch.einsum("bmd,bld->bml", q.expand(b, m, -1), rows_a)
+    assert isinstance(s, Tensor)
+    idx, valid = topk_search(s, mask, k)
+    w_top = masked_softmax(torch.gather(s, 2, idx), valid)
+    w_all = masked_softmax(s, mask) if full else None
+    top, pooled_all = [], []
+    for rows in gathered:
+        picked = torch.gather(
+            rows.unsqueeze(1).expand(-1, idx.shape[1], -1, -1),
+            2,
+            idx.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1]),
+        )
+        top.append((w_top.unsqueeze(-1) * picked).sum(2))
+        if w_all is not None:
+            pooled_all.append(w_all @ rows)
+    return torch.cat(top, -1), (torch.cat(pooled_all, -1) if full else None), idx, valid

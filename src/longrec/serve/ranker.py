@@ -33,6 +33,7 @@ from longrec.data.dataset import PreparedDataset
 from longrec.data.schema import UNSEEN
 from longrec.data.vocab import load_vocab
 from longrec.errors import UserError
+from longrec.ops import dispatch
 from longrec.runtime import Runtime, resolve_device
 from longrec.serve.batching import MicroBatcher, split_state
 from longrec.serve.request_batch import RequestBatches
@@ -51,6 +52,8 @@ class RankerConfig:
     precision: str = "auto"
     bf16_tolerance: float = 0.01  # max |p_bf16 - p_fp32| on a calibration request
     threads: int | None = None
+    # auto | reference | native: C++ kernels or plain PyTorch (longrec/ops/dispatch.py)
+    kernels: str = "auto"
     micro_batch: int = 8  # concurrent requests run as one forward (1 = off; see serve/batching)
     micro_batch_wait_ms: float = 0.0  # how long the batcher waits for more requests
     # a forward batches requests while their candidates x history slots sum to at most this
@@ -157,6 +160,9 @@ class Ranker:
         self.config = config or RankerConfig()
         self.runtime = Runtime.resolve(
             self.config.device, self.config.precision, ("--device", "--precision")
+        )
+        dispatch.set_kernels(
+            dispatch.for_run(self.config.kernels, cfg_run.model.params, "--kernels")
         )
         self.model = model.to(self.runtime.device).eval()
         self.run_cfg, self.schema = cfg_run, schema

@@ -34,6 +34,7 @@ from longrec.errors import UserError
 from longrec.faults import fault_point
 from longrec.models import build_model
 from longrec.models.base import DataSchema
+from longrec.ops import dispatch
 from longrec.outputs import write_marker
 from longrec.runtime import Runtime
 from longrec.train import distributed
@@ -86,6 +87,7 @@ class Trainer:
         )
         self.cfg = cfg
         tc = cfg.train
+        dispatch.set_kernels(dispatch.for_run(tc.kernels, cfg.model.params), "train.kernels")
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // self.world_size))
         if self.runtime.cuda and tc.deterministic:  # cuBLAS is deterministic only with this
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -26,6 +26,7 @@ RESUMABLE = frozenset(
         "train.early_stop_patience",
         "train.threads",
         "train.device",  # where the steps run, not what they compute (a GPU run can end on CPU)
+        "train.kernels",  # C++ or PyTorch ops: the same steps to float rounding
         "train.progress",
         "train.log_every",
         "data.prefetch",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from longrec.nn import row_kernels
+from longrec.ops import dispatch
 from longrec.train.rowwise_adam import _distinct_rows, table_grad_rows
 
 
@@ -39,7 +40,7 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 if not state:
                     state["sum"] = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
                 tensors = (p, state["sum"], values)
-                if row_kernels.applicable(*tensors) and p.is_contiguous():
+                if p.is_contiguous() and dispatch.use_native("rowwise_adagrad_", *tensors):
                     row_kernels.rowwise_adagrad_(
                         p, state["sum"], ids, values, group["lr"], group["eps"]
                     )

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from longrec.nn import row_kernels
+from longrec.ops import dispatch
 
 
 def _distinct_rows(grad: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
@@ -63,7 +64,8 @@ def update_rows(p: Tensor, state: dict, group: dict, ids: Tensor, values: Tensor
 
 def _fused(p: Tensor, grad: Tensor, state: dict) -> bool:
     tensors = (p, state["exp_avg"], state["exp_avg_sq"])
-    return row_kernels.applicable(*tensors, grad) and all(t.is_contiguous() for t in tensors)
+    contiguous = all(t.is_contiguous() for t in tensors)
+    return contiguous and dispatch.use_native("rowwise_adam_", *tensors, grad)
 
 
 class RowwiseAdam(torch.optim.Optimizer):

@@ -9,9 +9,9 @@ distinct ids (models.towers) hand their gradient over sparse instead (RowTable's
 reading a gradient row only where there is one. The update is torch.optim.Adam's to float
 rounding, and so is the state: this is torch.optim.Adam, and its checkpoints load either way.
 
-Dense gradients, and settings the kernel does not cover (weight decay, amsgrad, maximize,
-non-float32 or non-CPU tables, no compiler), go through torch.optim.Adam itself; a sparse
-gradient is then densified first.
+Dense gradients, settings the kernel does not cover (weight decay, amsgrad, maximize), and
+tables ops.dispatch keeps off the kernel (`train.kernels`, non-float32 or non-CPU tables, no
+compiler) go through torch.optim.Adam itself; a sparse gradient is then densified first.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from longrec.nn import row_kernels
 from longrec.nn.embedding import RowTable
+from longrec.ops import dispatch
 from longrec.train.rowwise_adam import update_rows
 
 
@@ -32,7 +32,7 @@ class TableAdam(torch.optim.Adam):
             and not isinstance(group["lr"], Tensor)
             and p.dim() == 2
             and p.is_contiguous()
-            and row_kernels.applicable(p, p.grad)
+            and dispatch.use_native("sparse_grad_adam_", p, p.grad)
         )
 
     @torch.no_grad()
