@@ -104,7 +104,7 @@ from torch import Tensor, nn
 from longrec.data.batch import Batch
 from longrec.models.base import DataSchema, SequenceModel, UserState
 from longrec.models.registry import register
-from longrec.models.towers import EmbeddingSet, HistoryField, dedup
+from longrec.models.towers import EmbeddingSet, HistoryEmbedding, HistoryField, dedup
 from longrec.nn.embedding import init_normal, zero_padding_rows
 from longrec.nn.heads import MLPHead
 from longrec.nn.readout import TargetReadout
@@ -292,12 +292,15 @@ class LongerModel(SequenceModel):
     # -- contract -------------------------------------------------------------------------
     def encode_user(self, batch: Batch) -> UserState:
         """Merged tokens and, with the cache, every candidate-independent state and K/V."""
-        tokens, valid = self.sequence_tokens(batch)
+        histories = self._histories(batch)  # looked up once: the tokens and the read-out
+        tokens, valid = self.sequence_tokens(batch, histories)
         state: UserState = {"tokens": tokens, "valid": valid}
         if self.user is not None:
             state["user"] = self.user_ln(self.user(batch.user))
-        if self.readout is not None:
-            state["items"], state["items_valid"] = self._item_embeddings(batch), batch.history_mask
+        if self.readout is not None:  # the item fields, unmerged and unprojected
+            items = histories[0].dense()
+            state["items"] = items * batch.history_mask.unsqueeze(-1).to(items.dtype)
+            state["items_valid"] = batch.history_mask
         if not self.params.cache:
             return state
         shared = self._shared_globals(state, tokens)  # [B, gs, d'] (CLS, user) or [B, 0, d']
@@ -351,20 +354,28 @@ class LongerModel(SequenceModel):
         """[B] the request time: all targets of a request share it, the first is always real."""
         return batch.target_ts[:, 0]
 
-    def _field_rows(self, batch: Batch) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor]]:
+    def _histories(self, batch: Batch) -> list[HistoryEmbedding]:
+        """The item-side, then (if any) event-side history fields at the batch's distinct ids."""
+        out = []
+        for emb in (self.items, self.side):
+            if emb is not None:
+                distinct = {
+                    f: dedup(batch.history[f], emb.tables[f].num_embeddings) for f in emb.fields
+                }
+                out.append(emb.history(batch, distinct))
+        return out
+
+    def _field_rows(
+        self, batch: Batch, histories: list[HistoryEmbedding] | None = None
+    ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor]]:
         """Per history field: (distinct rows [U, e], inverse [B, L] or [B, L, W], value mask
         of multi-valued fields, its block of the token projection [d, e]); the time gap last,
         its rows being the whole bucket table."""
         p = self.params
         weight = self.token_proj.weight  # [d, token_in]: concat(item, side, time) -> d
         out, offset = [], 0
-        for emb in (self.items, self.side):
-            if emb is None:
-                continue
-            distinct = {
-                f: dedup(batch.history[f], emb.tables[f].num_embeddings) for f in emb.fields
-            }
-            for field in emb.history(batch, distinct).fields:
+        for history in histories or self._histories(batch):
+            for field in history.fields:
                 block = weight[:, offset : offset + p.embed_dim]
                 out.append((field.rows, field.inverse, field.value_mask, block))
                 offset += p.embed_dim
@@ -375,12 +386,14 @@ class LongerModel(SequenceModel):
             out.append((rows, bucket, None, weight[:, offset:]))
         return out
 
-    def behaviour_tokens(self, batch: Batch) -> Tensor:
+    def behaviour_tokens(
+        self, batch: Batch, histories: list[HistoryEmbedding] | None = None
+    ) -> Tensor:
         """[B, L, d]: projection of concat(item fields, side fields, time-gap embedding),
         computed per field on the batch's distinct rows (a Linear of a concat is the sum of
         per-field Linears), zero on padding."""
         out = self._bias(self.token_proj)
-        for rows, inverse, vmask, block in self._field_rows(batch):
+        for rows, inverse, vmask, block in self._field_rows(batch, histories):
             out = out + HistoryField(rows @ block.T, inverse, vmask).dense()
         return out * batch.history_mask.unsqueeze(-1).to(out.dtype)
 
@@ -400,7 +413,13 @@ class LongerModel(SequenceModel):
         pooled = self._inner(x.reshape(n * g, k, d), slots.reshape(n * g, k))
         return self.merge_proj(pooled.view(n, g, -1))
 
-    def _merge_concat_folded(self, batch: Batch, extra: int, slots: Tensor) -> Tensor:
+    def _merge_concat_folded(
+        self,
+        batch: Batch,
+        extra: int,
+        slots: Tensor,
+        histories: list[HistoryEmbedding] | None = None,
+    ) -> Tensor:
         """Concat merge without the [B, L, d] behaviour tokens: merge_proj(concat_s(token_s))
         = sum over slots s and fields f of (W_s P_f) e_f, so each field's distinct rows are
         projected once per slot ([U, K, d']) and one embedding_bag per field sums the K slots
@@ -412,7 +431,7 @@ class LongerModel(SequenceModel):
         real = slots.reshape(b, g * k).to(w.dtype)
         bias = torch.einsum("msd,d->sm", w, self._bias(self.token_proj))  # [K, d']: W_s b
         out = self._bias(self.merge_proj) + slots.to(w.dtype) @ bias
-        for rows, inverse, vmask, block in self._field_rows(batch):
+        for rows, inverse, vmask, block in self._field_rows(batch, histories):
             per_slot = torch.einsum("ue,de,msd->usm", rows, block, w)  # [U, K, d']
             pad = (b, extra, *inverse.shape[2:])
             idx = torch.cat((inverse.new_zeros(pad), inverse), 1) * k
@@ -428,7 +447,9 @@ class LongerModel(SequenceModel):
             out = out + bags.view(b, g, self.dm)
         return out
 
-    def sequence_tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def sequence_tokens(
+        self, batch: Batch, histories: list[HistoryEmbedding] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Merged tokens [B, L', d'] (L' = ceil(L / K), chronological, groups aligned from the
         most recent end), LayerNorm-ed, with their positions added, and which are real."""
         k = self.params.merge_k
@@ -439,9 +460,9 @@ class LongerModel(SequenceModel):
         groups = mask.shape[1] // k
         slots = mask.view(b, groups, k)
         if self.inner is None:
-            merged = self._merge_concat_folded(batch, extra, slots)
+            merged = self._merge_concat_folded(batch, extra, slots, histories)
         else:
-            x = self.behaviour_tokens(batch)
+            x = self.behaviour_tokens(batch, histories)
             x = torch.cat((x.new_zeros(b, extra, x.shape[-1]), x), dim=1)
             merged = self._merge(x.view(b, groups, k, -1), slots)
         positions = relative_positions(groups, mask.device, self.max_groups)
@@ -557,15 +578,6 @@ class LongerModel(SequenceModel):
             keys, values = block.kv(x)
             x = block(x, keys, values, mask)
         return self._head(x[:, :g].reshape(b, m, g, dm), glob[:, 0].view(b, m, dm), state, batch)
-
-    def _item_embeddings(self, batch: Batch) -> Tensor:
-        """[B, L, e * fields] the history's item-field embeddings, unmerged and unprojected:
-        what the read-out attends over (zero on padding)."""
-        distinct = {
-            f: dedup(batch.history[f], self.items.tables[f].num_embeddings) for f in self.fields
-        }
-        dense = self.items.history(batch, distinct).dense()
-        return dense * batch.history_mask.unsqueeze(-1).to(dense.dtype)
 
     def _head(self, final: Tensor, candidate: Tensor, state: UserState, batch: Batch) -> Tensor:
         """Global tokens [B, M, g, d'] (order candidate, CLS, user) and the candidate's input
